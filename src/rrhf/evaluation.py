@@ -1,0 +1,200 @@
+"""Evaluation of a policy as in the paper's Tables 2, 5, 6 and 7 (FACTS sections 5 and 6).
+
+Greedy responses to the test prompts, the stop cut applied before scoring, perplexity of a response
+under a judge model (the authors' metric script, `paper`, and a corrected one, `exact`), the
+preference accuracy of Table 5 and the sample statistics of Table 6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:", "\n\nhuman:", "\n\nassistant:")
+
+# The authors' metric script (the old `datasets` perplexity metric) truncated every text to
+# model.config.max_length - 1 tokens to leave room for the prepended BOS. For gpt2-medium
+# config.max_length is the generation default 20, so only the first 19 tokens of a response counted.
+PAPER_MAX_TEXT_TOKENS = 19
+
+PPL_MODES = ("paper", "exact")
+
+
+def stop_cut(text: str) -> str:
+    """Cut `text` at the first occurrence of any stop string (a new dialogue turn), then strip it."""
+    cut = len(text)
+    for stop in STOP_STRINGS:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut].strip()
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    # Dropout must be off for a deterministic metric; the caller's training state comes back afterwards.
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    # Left truncation by the tokenizer itself keeps its special tokens (a LLaMA BOS stays in front),
+    # as the authors' tokenizer with truncation_side="left" did.
+    saved = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompt, truncation=True, max_length=max_prompt_tokens).input_ids
+    finally:
+        tokenizer.truncation_side = saved
+
+
+def greedy_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+) -> list[str]:
+    """Greedy continuations of `prompts` (decoded new tokens only, special tokens skipped), in input order.
+
+    Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
+    sorted by length so that little padding is wasted. No stop cut is applied here (see `stop_cut`).
+    """
+    encoded = [_prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[str] = [""] * len(prompts)
+    device = model.device
+    with _eval_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="greedy", unit="prompt") as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                                 pad_token_id=pad_id)
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            for i, text in zip(chunk, texts, strict=True):
+                results[i] = text
+            bar.update(len(chunk))
+    return results
+
+
+def _clean(text: str) -> str:
+    # The authors' preprocessing before the metric: one line, stripped, and never empty.
+    text = text.replace("\n", " ").strip()
+    return text if text else " "
+
+
+def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_size: int = 8) -> list[float]:
+    """Perplexity of each text under `model`, in input order.
+
+    Each text is cleaned (newlines to spaces, stripped, empty -> " "), tokenised without special tokens
+    and scored after a prepended BOS token (EOS where the tokenizer has no BOS), which is context only.
+    mode="paper" reproduces the authors' metric script: the text is cut to its first 19 tokens and the
+    perplexity is 2 ** (mean token NLL in nats). mode="exact" scores the whole text (cut only to the
+    model's maximum positions) and returns exp(mean NLL). Batches are right-padded, padding unscored.
+    Load the judge in fp32 for reference values (the metric module does); logits are upcast regardless.
+    Memory grows with batch_size x text length x vocabulary size (exact mode scores whole texts).
+    """
+    if mode not in PPL_MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {PPL_MODES}")
+    context_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if context_id is None:
+        raise ValueError("perplexities needs a tokenizer with a BOS or an EOS token to use as context")
+    if mode == "paper":
+        limit = PAPER_MAX_TEXT_TOKENS
+    else:
+        max_positions = getattr(model.config, "max_position_embeddings", None)
+        limit = max_positions - 1 if max_positions else None
+    cleaned = [_clean(t) for t in texts]
+    ids = [x[:limit] for x in tokenizer(cleaned, add_special_tokens=False).input_ids] if cleaned else []
+    empty = [t for t, x in zip(cleaned, ids, strict=True) if not x]
+    if empty:
+        raise ValueError(f"texts with no tokens cannot be scored, e.g. {empty[0]!r}")
+
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    results: list[float] = [0.0] * len(ids)
+    device = model.device
+    with _eval_mode(model), torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows = [[context_id] + ids[i] for i in chunk]
+            width = max(len(r) for r in rows)
+            # Any id works as padding: padded positions are masked out and come after the text.
+            input_ids = torch.tensor([r + [context_id] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+            scored = mask[:, 1:].float()
+            mean_nll = (nll * scored).sum(1) / scored.sum(1)
+            # The metric script exponentiated a natural-log NLL in base 2; kept as is in paper mode.
+            ppl = torch.exp2(mean_nll) if mode == "paper" else torch.exp(mean_nll)
+            for i, value in zip(chunk, ppl.tolist(), strict=True):
+                results[i] = value
+    return results
+
+
+def preference_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float:
+    """Share of pairs whose chosen score is strictly above the rejected one (ties count as wrong): Table 5."""
+    if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
+        raise ValueError("preference_accuracy needs two non-empty score lists of equal length")
+    chosen, rejected = np.asarray(chosen_scores, dtype=float), np.asarray(rejected_scores, dtype=float)
+    return float(np.mean(chosen > rejected))
+
+
+def sample_statistics(groups_of_scores: Sequence[Sequence[float]]) -> dict[str, float]:
+    """Table 6's Mean / Std. / Max of the reward scores of a policy's training samples.
+
+    mean: over all scores; std: their population standard deviation (numpy's default ddof=0; the paper
+    does not say which); max: the mean over groups (queries) of each group's maximum.
+    """
+    if not groups_of_scores or any(len(g) == 0 for g in groups_of_scores):
+        raise ValueError("sample_statistics needs at least one group and no empty group")
+    flat = np.concatenate([np.asarray(g, dtype=float) for g in groups_of_scores])
+    return {
+        "mean": float(flat.mean()),
+        "std": float(flat.std()),
+        "max": float(np.mean([max(g) for g in groups_of_scores])),
+    }
+
+
+def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, model_max_length: int = 192,
+                  batch_size: int = 8) -> dict[str, tuple[list[float], list[float]]]:
+    """A policy's own scores of (prompt, chosen, rejected) triples, as RRHF's ranking term sees them.
+
+    Returns, per normalisation, the chosen and the rejected scores: `paper` divides a response's summed
+    log-prob by its length; `official` by the pair's padded row length (the authors' code), which is
+    the same for both responses of a pair. Feed them to `preference_accuracy` for Table 5.
+    """
+    from rrhf.collator import tokenize_example
+    from rrhf.logprobs import group_logprob_sums
+
+    out: dict[str, tuple[list[float], list[float]]] = {"paper": ([], []), "official": ([], [])}
+    with _eval_mode(model), torch.no_grad():
+        for start in tqdm(range(0, len(pairs), batch_size), desc="policy scores", unit="batch"):
+            for semantics in ("paper", "official"):
+                examples = [tokenize_example({"query": p, "responses": [c, r], "scores": [1.0, 0.0]}, tokenizer,
+                                             semantics=semantics, model_max_length=model_max_length)
+                            for p, c, r in pairs[start:start + batch_size]]
+                sums, lengths = group_logprob_sums(
+                    model, [(e["query_ids"], e["responses_ids"]) for e in examples])
+                if semantics == "paper":
+                    scores = sums / lengths.clamp(min=1)
+                else:
+                    scores = sums / torch.tensor([e["pad_length"] for e in examples], dtype=sums.dtype)[:, None]
+                out[semantics][0].extend(scores[:, 0].tolist())
+                out[semantics][1].extend(scores[:, 1].tolist())
+    return out

@@ -1,0 +1,245 @@
+"""The RRHF pipeline: sample -> score -> train -> evaluate, each stage a cached artifact.
+
+Each stage reads only its config and the artifacts before it, and its artifact folder is keyed by a
+hash of exactly those inputs (see `rrhf.artifacts`), so runs of a sweep share work and a rerun of a
+finished run does no stage work. The run folder (Hydra's output folder) receives `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from rrhf.artifacts import run_stage, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Sampling keys that name or label a setting without changing what is generated: DP and D (and
+# imdb_BP and imdb_B) share one generation artifact.
+SAMPLING_LABELS = ("name", "dataset_responses", "table10_setting")
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _task_key(cfg: DictConfig, split: str) -> dict:
+    task = {k: v for k, v in _plain(cfg.task).items() if k not in ("max_new_tokens", "train_size", "test_size")}
+    return {**task, "split": split, "limit": cfg.task.train_size if split == "train" else cfg.task.test_size}
+
+
+def _prompts(cfg: DictConfig, split: str) -> list[dict]:
+    from rrhf.data import imdb_prefix_rows, load_split
+
+    key = _task_key(cfg, split)
+    if key.get("format") == "imdb_prefix":
+        return imdb_prefix_rows(key["source"], split, tokenizer_name=key["prefix_tokenizer"],
+                                prefix_tokens=key["prefix_tokens"], limit=key["limit"])
+    return load_split(key["source"], split, limit=key["limit"])
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def _set_threads(cfg: DictConfig) -> None:
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+
+def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
+    """Generate the sampled candidates of the training prompts (None for settings that sample nothing)."""
+    s = cfg.sampling
+    if s.generator in ("none", "file"):
+        return None
+    inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": model_path,
+              "sampling": {k: v for k, v in _plain(s).items() if k not in SAMPLING_LABELS},
+              "seed": cfg.seed if s.generator in ("top_p", "top_k") else None}
+
+    def build(work: Path) -> None:
+        from rrhf.assets import load_causal_lm
+        from rrhf.sampling import generate_candidates
+
+        rows = _prompts(cfg, "train")
+        model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        generate_candidates(model, tokenizer, [r["prompt"] for r in rows], s, work / "candidates.jsonl",
+                            seed=cfg.seed)
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "sample", inputs, build)
+    return folder
+
+
+def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
+    """The training file in the authors' format ({query, responses, scores} a line) and its statistics."""
+    s = cfg.sampling
+    if s.generator == "file":
+        return _file_stage(cfg)
+    inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sampled": sampled.name if sampled else None,
+              "dataset_responses": list(s.dataset_responses), "reward": _plain(cfg.reward)}
+
+    def build(work: Path) -> None:
+        from rrhf.evaluation import sample_statistics
+        from rrhf.reward import build_scorer
+        from rrhf.sampling import read_candidates
+
+        rows = _prompts(cfg, "train")
+        generated = read_candidates(sampled / "candidates.jsonl") if sampled else {}
+        groups = []
+        for i, row in enumerate(rows):
+            responses = list(generated.get(i, []))
+            responses += [row[field] for field in s.dataset_responses if row.get(field) is not None]
+            groups.append((row["prompt"], responses, len(generated.get(i, []))))
+        scorer = build_scorer(cfg.reward)
+        flat_prompts = [p for p, rs, _ in groups for _ in rs]
+        flat_responses = [r for _, rs, _ in groups for r in rs]
+        flat_scores = iter(scorer.score(flat_prompts, flat_responses))
+        with open(work / "train.jsonl", "w") as handle:
+            scored = []
+            for prompt, responses, n_sampled in groups:
+                scores = [next(flat_scores) for _ in responses]
+                scored.append((scores, n_sampled))
+                handle.write(json.dumps({"query": prompt, "responses": responses, "scores": scores}) + "\n")
+        stats = {"all": sample_statistics([sc for sc, _ in scored])}
+        if any(n for _, n in scored):
+            stats["sampled"] = sample_statistics([sc[:n] for sc, n in scored if n])
+        write_json_atomic(work / "stats.json", stats)
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
+    return folder
+
+
+def _file_stage(cfg: DictConfig) -> Path:
+    """A user's training file in the authors' format, checked line by line, in place of sample + score."""
+    from rrhf.collator import read_training_file
+    from rrhf.evaluation import sample_statistics
+
+    source = Path(cfg.sampling.train_file).expanduser().resolve()
+    if not source.is_file():
+        raise FileNotFoundError(f"sampling.train_file={str(source)!r}: no such file")
+    inputs = {"stage": "score", "file": str(source), "size": source.stat().st_size,
+              "mtime_ns": source.stat().st_mtime_ns}
+
+    def build(work: Path) -> None:
+        rows = read_training_file(source)  # names the file and line of a malformed one
+        with open(work / "train.jsonl", "w") as handle:
+            for row in rows:
+                handle.write(json.dumps({k: row[k] for k in ("query", "responses", "scores")}) + "\n")
+        write_json_atomic(work / "stats.json", {"all": sample_statistics([r["scores"] for r in rows])})
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
+    return folder
+
+
+def train_stage(cfg: DictConfig, model_path: str, scored: Path) -> Path:
+    """Fine-tune the policy with the RRHF loss on the scored candidates."""
+    trainer_args = _plain(cfg.trainer.args)
+    method_args = _plain(cfg.method.train_args)
+    inputs = {"stage": "train", "model": model_path, "scored": scored.name, "trainer": trainer_args,
+              "method": method_args, "seed": cfg.seed}
+
+    def build(work: Path) -> None:
+        from rrhf.assets import resolve_model
+        from rrhf.trainer import RRHFArguments, train
+
+        args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **trainer_args, **method_args)
+        train(resolve_model(model_path), scored / "train.jsonl", work, args=args)
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build)
+    return folder / "model"
+
+
+def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
+    """Responses to the test prompts, their mean reward and their perplexity under the judge.
+
+    `policy` is a model path (greedy responses, plus its accuracy as a reward model on the test pairs:
+    Table 5) or `dataset:chosen` / `dataset:rejected` (the data set's own responses: Table 2's good and
+    bad response rows).
+    """
+    e = cfg.eval
+    inputs = {"stage": "evaluate", "policy": policy_key, "task": _task_key(cfg, "test"), "eval": _plain(e),
+              "reward": _plain(cfg.reward)}
+
+    def build(work: Path) -> None:
+        from rrhf.assets import load_causal_lm
+        from rrhf.evaluation import (
+            greedy_responses,
+            perplexities,
+            policy_scores,
+            preference_accuracy,
+            stop_cut,
+        )
+        from rrhf.reward import build_scorer
+
+        rows = _prompts(cfg, "test")
+        prompts = [r["prompt"] for r in rows]
+        metrics: dict[str, Any] = {"num_prompts": len(prompts)}
+        if policy.startswith("dataset:"):
+            responses = [stop_cut(r[policy.removeprefix("dataset:")] or "") for r in rows]
+        else:
+            model, tokenizer = load_causal_lm(policy, trust_remote_code=cfg.model.trust_remote_code)
+            raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
+                                   batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens)
+            responses = [stop_cut(r) for r in raw]
+            pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r.get("rejected") is not None]
+            if e.rm_accuracy and pairs:
+                scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length)
+                for semantics, (chosen, rejected) in scores.items():
+                    metrics[f"rm_accuracy_{semantics}"] = preference_accuracy(chosen, rejected)
+            del model
+        rewards = build_scorer(cfg.reward).score(prompts, responses)
+        judge, judge_tokenizer = load_causal_lm(e.judge)
+        ppl = {mode: perplexities(responses, judge, judge_tokenizer, mode=mode, batch_size=e.ppl_batch_size)
+               for mode in ("paper", "exact")}
+        with open(work / "responses.jsonl", "w") as handle:
+            for i, prompt in enumerate(prompts):
+                handle.write(json.dumps({"prompt": prompt, "response": responses[i], "reward": rewards[i],
+                                         "ppl_paper": ppl["paper"][i], "ppl_exact": ppl["exact"][i]}) + "\n")
+        metrics |= {"reward": sum(rewards) / len(rewards),
+                    "ppl_paper": sum(ppl["paper"]) / len(responses),
+                    "ppl_exact": sum(ppl["exact"]) / len(responses)}
+        write_json_atomic(work / "metrics.json", metrics)
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "evaluate", inputs, build)
+    return {**json.loads((folder / "metrics.json").read_text()), "artifact": str(folder)}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run every stage the config asks for and write `metrics.json` into the run folder."""
+    _set_threads(cfg)
+    started = time.time()
+    model_path = cfg.model.path
+    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, model_path, f"model:{model_path}")}
+    if cfg.eval.dataset_responses:
+        fields = ("chosen",) if cfg.task.get("format") == "imdb_prefix" else ("chosen", "rejected")
+        metrics["dataset"] = {field: evaluate_stage(cfg, f"dataset:{field}", f"dataset:{field}") for field in fields}
+        if len(fields) == 2:  # the reward model's own accuracy on the test pairs (Table 5's first row)
+            chosen, rejected = (_read_jsonl(Path(metrics["dataset"][f]["artifact"]) / "responses.jsonl")
+                                for f in fields)
+            metrics["reward_model_accuracy"] = sum(c["reward"] > r["reward"] for c, r in zip(chosen, rejected)) / len(
+                chosen)
+    if cfg.method.name == "rrhf":
+        sampled = sample_stage(cfg, model_path)
+        scored = score_stage(cfg, model_path, sampled)
+        metrics["samples"] = json.loads((scored / "stats.json").read_text())
+        metrics["candidates"] = str(scored / "train.jsonl")
+        trained = train_stage(cfg, model_path, scored)
+        metrics["trained"] = evaluate_stage(cfg, str(trained), f"train:{trained.parent.name}")
+        metrics["train_log"] = str(trained.parent / "log_history.json")
+        metrics["final"] = metrics["trained"]
+    elif cfg.method.name == "none":
+        metrics["final"] = metrics["initial"]
+    else:
+        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf or none")
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    # Kept apart from metrics.json, which is a pure function of the config and seed.
+    write_json_atomic(run_dir / "timing.json", {"wall_seconds": round(time.time() - started, 2)})
+    log.info("metrics: reward %.4f -> %.4f, ppl(paper) %.2f -> %.2f", metrics["initial"]["reward"],
+             metrics["final"]["reward"], metrics["initial"]["ppl_paper"], metrics["final"]["ppl_paper"])
+    return metrics

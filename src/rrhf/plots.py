@@ -1,0 +1,53 @@
+"""Figures of a collated sweep: training curves per run and candidate reward distributions per setting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; clusters and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def training_curves(log_history: list[dict[str, Any]], title: str, out: Path) -> Path:
+    """Loss with its rank and SFT parts over optimiser steps (from the Trainer's log history)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in (("loss", "loss"), ("rank_loss", "rank part"), ("sft_loss", "SFT part")):
+        points = [(e["step"], e[key]) for e in log_history if key in e]
+        if points:
+            ax.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def reward_distributions(scores_by_setting: dict[str, list[float]], out: Path) -> Path:
+    """One histogram per sampling setting of its training candidates' rewards, on shared bins."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    values = [v for scores in scores_by_setting.values() for v in scores]
+    low, high = min(values), max(values)
+    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+    for setting, scores in sorted(scores_by_setting.items()):
+        ax.hist(scores, bins=bins, histtype="step", linewidth=1.5, label=f"{setting} (n={len(scores)})")
+    ax.set_xlabel("reward")
+    ax.set_ylabel("candidates")
+    ax.set_title("Reward of the training candidates by sampling setting", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def candidate_scores(train_file: Path) -> list[float]:
+    """Every candidate's reward in a training file of the authors' format."""
+    with open(train_file) as handle:
+        return [s for row in map(json.loads, handle) for s in row["scores"]]

@@ -1,0 +1,99 @@
+"""Candidate responses for each training prompt: the sampling settings of the paper's Table 1.
+
+A setting is a generator (beam search, top-p sampling, diverse beam search, or none) plus whether the
+data set's chosen and rejected responses are appended. Generation is its own cached artifact, keyed
+without the dataset flag, so DP and D share one generation job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rrhf.beam_search import diverse_beam_search
+
+__all__ = ["diverse_beam_search", "generate_candidates", "left_truncated_batch"]
+
+log = logging.getLogger(__name__)
+
+
+def left_truncated_batch(tokenizer, prompts: list[str], max_prompt_tokens: int) -> dict[str, torch.Tensor]:
+    """Tokenise prompts, keep the last `max_prompt_tokens` of each (the paper's left truncation), left-pad."""
+    ids = [tokenizer(p).input_ids[-max_prompt_tokens:] for p in prompts]
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
+    batch = left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens)
+    common = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    n = cfg.num_candidates
+    with torch.no_grad():
+        if cfg.generator == "diverse_beam":
+            out = diverse_beam_search(model, batch["input_ids"], batch["attention_mask"],
+                                      num_beams=cfg.num_beams, num_beam_groups=cfg.num_beam_groups,
+                                      diversity_penalty=cfg.diversity_penalty, num_return_sequences=n,
+                                      **common)
+        elif cfg.generator == "beam":
+            out = model.generate(**batch, do_sample=False, num_beams=cfg.num_beams, num_return_sequences=n,
+                                 **common)
+        elif cfg.generator in ("top_p", "top_k"):
+            torch.manual_seed(seed)  # seeded per batch, so a resumed job draws what an unbroken one would
+            nucleus = dict(top_p=cfg.top_p, top_k=0) if cfg.generator == "top_p" else dict(top_k=cfg.top_k)
+            out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, num_return_sequences=n,
+                                 **nucleus, **common)
+        else:
+            raise ValueError(f"sampling.generator={cfg.generator!r}: expected diverse_beam, beam, top_p, top_k "
+                             "or none")
+    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file: Path, *, seed: int) -> None:
+    """Append {"index", "responses"} lines to out_file for every prompt not already in it.
+
+    Prompts are sorted by length so a batch wastes little padding; a job killed half-way keeps the
+    lines it wrote and continues after them.
+    """
+    done: set[int] = set()
+    if out_file.exists():
+        # A kill can cut the last line short: keep the complete lines, redo the rest.
+        kept = [line for line in out_file.read_text().splitlines(keepends=True) if _complete(line)]
+        out_file.write_text("".join(kept))
+        done = {json.loads(line)["index"] for line in kept}
+    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(prompts[i]))
+    if done:
+        log.info("sampling: resuming, %d of %d prompts already done", len(done), len(prompts))
+    model.eval()
+    bar = tqdm(total=len(prompts), initial=len(done), desc=f"sampling {cfg.name}", unit="prompt")
+    with open(out_file, "a") as handle:
+        for start in range(0, len(todo), cfg.batch_size):
+            chunk = todo[start:start + cfg.batch_size]
+            groups = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], cfg, seed=seed + chunk[0])
+            for i, responses in zip(chunk, groups):
+                handle.write(json.dumps({"index": i, "responses": responses}) + "\n")
+            handle.flush()
+            bar.update(len(chunk))
+    bar.close()
+
+
+def _complete(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return line.endswith("\n")
+
+
+def read_candidates(path: Path) -> dict[int, list[str]]:
+    with open(path) as handle:
+        return {row["index"]: row["responses"] for row in map(json.loads, handle)}

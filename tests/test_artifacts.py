@@ -1,0 +1,63 @@
+"""Stage artifacts: content keys, atomic completion, resume, and concurrent builders."""
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+
+from rrhf.artifacts import digest, run_stage
+
+
+def test_digest_depends_on_content_not_order() -> None:
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
+    assert digest({"a": 1}) != digest({"a": 2})
+
+
+def test_finished_stage_is_skipped(tmp_path: Path) -> None:
+    calls = []
+
+    def build(work: Path) -> None:
+        calls.append(work)
+        (work / "out.txt").write_text("x")
+
+    first, built = run_stage(tmp_path, "s", {"k": 1}, build)
+    again, built_again = run_stage(tmp_path, "s", {"k": 1}, build)
+    assert built and not built_again and first == again and len(calls) == 1
+    assert (first / "DONE").exists() and (first / "out.txt").read_text() == "x"
+
+
+def test_failed_stage_leaves_no_finished_folder_and_resumes(tmp_path: Path) -> None:
+    def fail(work: Path) -> None:
+        (work / "part1").write_text("kept")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "s", {"k": 1}, fail)
+    assert not list((tmp_path / "s").glob("*/DONE"))
+    assert not [p for p in (tmp_path / "s").iterdir() if p.is_dir() and not p.name.endswith(".partial")]
+
+    seen = []
+    folder, _ = run_stage(tmp_path, "s", {"k": 1}, lambda work: seen.append((work / "part1").read_text()))
+    assert seen == ["kept"] and (folder / "DONE").exists()
+
+
+def _slow_build(root: str, log: str) -> None:
+    def build(work: Path) -> None:
+        with open(log, "a") as handle:
+            handle.write("built\n")
+        time.sleep(0.5)
+        (work / "out.txt").write_text("x")
+
+    run_stage(Path(root), "s", {"k": "shared"}, build)
+
+
+def test_concurrent_runs_build_once(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    procs = [mp.get_context("fork").Process(target=_slow_build, args=(str(tmp_path), str(log))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert log.read_text().count("built") == 1
