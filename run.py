@@ -15,6 +15,7 @@ log = logging.getLogger("rrhf")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from rrhf.artifacts import rank
     from rrhf.pipeline import run
 
     hydra_cfg = HydraConfig.get()
@@ -27,7 +28,7 @@ def main(cfg: DictConfig) -> None:
         failed.write_text(traceback.format_exc())
         raise
     failed.unlink(missing_ok=True)
-    if cfg.collate and hydra_cfg.mode.name == "RUN":
+    if cfg.collate and hydra_cfg.mode.name == "RUN" and rank() == 0:
         from rrhf.collate import collate
 
         collate(Path(cfg.paths.results), Path(cfg.paths.tables))

@@ -1,6 +1,7 @@
 """Stage artifacts: content keys, atomic completion, resume, and concurrent builders."""
 
 import multiprocessing as mp
+import os
 import time
 from pathlib import Path
 
@@ -61,3 +62,30 @@ def test_concurrent_runs_build_once(tmp_path: Path) -> None:
         p.join(30)
         assert p.exitcode == 0
     assert log.read_text().count("built") == 1
+
+
+def _collective_rank(root: str, rank: int, log: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+
+    def build(work: Path) -> None:
+        with open(log, "a") as handle:
+            handle.write(f"rank {rank}\n")
+        if rank == 0:
+            time.sleep(0.3)
+            (work / "model.txt").write_text("weights")
+
+    folder, _ = run_stage(Path(root), "train", {"k": 1}, build, all_ranks=True)
+    assert (folder / "model.txt").read_text() == "weights"
+
+
+def test_collective_stage_runs_on_every_rank_and_rank0_finishes_it(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_collective_rank, args=(str(tmp_path), r, str(log))) for r in (1, 0)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sorted(log.read_text().split("\n")[:-1]) == ["rank 0", "rank 1"]
+    assert [p.name for p in (tmp_path / "train").iterdir() if p.is_dir()] == [digest({"k": 1})]

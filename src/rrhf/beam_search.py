@@ -250,11 +250,11 @@ def diverse_beam_search(
         beam_scores = next_scores
         order = source_rows.view(-1)
         sequences = torch.cat([sequences[order], next_tokens.view(-1, 1)], dim=-1)
+        if all(all(row) for row in done) or sequences.shape[1] >= max_length:
+            break
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         cache.reorder_cache(order)
         step_ids = sequences[:, -1:]
-        if all(all(row) for row in done) or sequences.shape[1] >= max_length:
-            break
     return _select(sequences, beam_scores, finished, done, num_return_sequences, prompt_len, max_length,
                    pad, eos)
 

@@ -50,8 +50,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _as_ids(ids: Ids, device: torch.device) -> torch.Tensor:
-    tensor = torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
-    return tensor
+    return torch.as_tensor(ids, dtype=torch.long, device=device).reshape(-1)
 
 
 def _device(model: torch.nn.Module, groups: Sequence[Group]) -> torch.device:
@@ -184,7 +183,12 @@ def _token_logprobs(model: torch.nn.Module, groups: Sequence[Group], layout: str
 
     out = model(input_ids=rows.input_ids, attention_mask=attention_mask, position_ids=rows.position_ids,
                 logits_to_keep=rows.keep, use_cache=False)
-    logits = out.logits.reshape(-1, out.logits.shape[-1])  # (kept positions, vocab), row-major order
+    logits = out.logits  # (kept positions, vocab), row-major order
+    n_keep = int(rows.keep.sum())
+    if logits.dim() != 2 or logits.shape[0] != n_keep:
+        raise RuntimeError(f"{type(_unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
+                           f"a boolean logits_to_keep with {n_keep} positions: the model's forward must take a "
+                           "(rows, seq) boolean logits_to_keep (transformers 5.24 causal LMs do)")
     flat = torch.full(rows.keep.shape, -1, dtype=torch.long, device=rows.keep.device)
     flat[rows.keep] = torch.arange(logits.shape[0], device=flat.device)
     where = flat[rows.pred_row, rows.pred_col]

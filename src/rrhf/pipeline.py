@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rrhf.artifacts import run_stage, write_json_atomic
+from rrhf.artifacts import crash_point, rank, run_stage, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,8 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
                 scores = [next(flat_scores) for _ in responses]
                 scored.append((scores, n_sampled))
                 handle.write(json.dumps({"query": prompt, "responses": responses, "scores": scores}) + "\n")
+            handle.flush()
+            crash_point("score")
         stats = {"all": sample_statistics([sc for sc, _ in scored])}
         if any(n for _, n in scored):
             stats["sampled"] = sample_statistics([sc[:n] for sc, n in scored if n])
@@ -149,10 +151,20 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path) -> Path:
         from rrhf.trainer import RRHFArguments, train
 
         args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **trainer_args, **method_args)
-        train(resolve_model(model_path), scored / "train.jsonl", work, args=args)
+        train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[_CrashAfterSave()])
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build)
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
     return folder / "model"
+
+
+class _CrashAfterSave:
+    """Trainer callback: the crash point of the train stage, once a checkpoint is on disk."""
+
+    def __getattr__(self, event: str):
+        return lambda *args, **kwargs: None  # every other Trainer event: nothing
+
+    def on_save(self, *args, **kwargs) -> None:
+        crash_point("train")
 
 
 def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
@@ -187,6 +199,7 @@ def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
             raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
                                    batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens)
             responses = [stop_cut(r) for r in raw]
+            crash_point("evaluate")
             pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r.get("rejected") is not None]
             if e.rm_accuracy and pairs:
                 scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length)
@@ -237,6 +250,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["final"] = metrics["initial"]
     else:
         raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf or none")
+    if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
+        return metrics
     write_json_atomic(run_dir / "metrics.json", metrics)
     # Kept apart from metrics.json, which is a pure function of the config and seed.
     write_json_atomic(run_dir / "timing.json", {"wall_seconds": round(time.time() - started, 2)})

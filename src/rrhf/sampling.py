@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from rrhf.artifacts import crash_point
 from rrhf.beam_search import diverse_beam_search
 
 __all__ = ["diverse_beam_search", "generate_candidates", "left_truncated_batch"]
@@ -30,6 +31,14 @@ def left_truncated_batch(tokenizer, prompts: list[str], max_prompt_tokens: int) 
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None:
+    """Fail before generating when prompt + response cannot fit the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_tokens + new_tokens > limit:
+        raise ValueError(f"{keys}: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's "
+                         f"context of {limit} positions; lower them")
 
 
 def _generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
@@ -73,6 +82,9 @@ def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file
     todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(prompts[i]))
     if done:
         log.info("sampling: resuming, %d of %d prompts already done", len(done), len(prompts))
+    longest = max((len(tokenizer(p).input_ids) for p in prompts), default=0)
+    check_context(model, min(longest, cfg.max_prompt_tokens), cfg.max_new_tokens,
+                  "sampling.max_prompt_tokens + sampling.max_new_tokens")
     model.eval()
     bar = tqdm(total=len(prompts), initial=len(done), desc=f"sampling {cfg.name}", unit="prompt")
     with open(out_file, "a") as handle:
@@ -83,6 +95,7 @@ def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file
                 handle.write(json.dumps({"index": i, "responses": responses}) + "\n")
             handle.flush()
             bar.update(len(chunk))
+            crash_point("sample")
     bar.close()
 
 
