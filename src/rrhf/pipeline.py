@@ -7,6 +7,7 @@ finished run does no stage work. The run folder (Hydra's output folder) receives
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -31,7 +32,11 @@ def _plain(node: Any) -> Any:
 
 def _task_key(cfg: DictConfig, split: str) -> dict:
     task = {k: v for k, v in _plain(cfg.task).items() if k not in ("max_new_tokens", "train_size", "test_size")}
-    return {**task, "split": split, "limit": cfg.task.train_size if split == "train" else cfg.task.test_size}
+    key = {**task, "split": split, "limit": cfg.task.train_size if split == "train" else cfg.task.test_size}
+    local = Path(str(cfg.task.source)) / f"{split}.jsonl"
+    if local.is_file():  # a local data file is keyed by its content, so an edit invalidates the cache
+        key["sha256"] = hashlib.sha256(local.read_bytes()).hexdigest()
+    return key
 
 
 def _prompts(cfg: DictConfig, split: str) -> list[dict]:

@@ -28,9 +28,10 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[
 
 
 def _scored_in_batches(texts: list[str], lengths: Sequence[int], batch_size: int,
-                       score_batch: Callable[[list[str]], list[float]]) -> list[float]:
+                       score_batch: Callable[[list[str]], list[float]], *, sort: bool = True) -> list[float]:
     scores = [0.0] * len(texts)
-    for batch in length_sorted_batches(lengths, batch_size):
+    in_order = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
+    for batch in length_sorted_batches(lengths, batch_size) if sort else in_order:
         for i, value in zip(batch, score_batch([texts[i] for i in batch])):
             scores[i] = float(value)
     return scores
@@ -123,13 +124,13 @@ class SequenceClassifierScorer:
     """Probability (or logit) of one label of a sequence-classification model, e.g. IMDB's positive."""
 
     def __init__(self, model, tokenizer, *, label: int = 1, output: str = "prob", text: str = "response",
-                 max_length: int = 512, batch_size: int = 32) -> None:
+                 max_length: int = 512, batch_size: int = 32, sort_by_length: bool = True) -> None:
         if output not in ("prob", "logit") or text not in ("response", "prompt+response"):
             raise ValueError(f"reward: output must be prob|logit and text response|prompt+response, "
                              f"got output={output!r} text={text!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.label, self.output, self.text = label, output, text
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size, self.sort_by_length = max_length, batch_size, sort_by_length
 
     @classmethod
     def from_config(cls, cfg: Any) -> SequenceClassifierScorer:
@@ -150,7 +151,8 @@ class SequenceClassifierScorer:
             values = logits.softmax(-1) if self.output == "prob" else logits
             return values[:, self.label].tolist()
 
-        return _scored_in_batches(texts, [len(t) for t in texts], self.batch_size, score_batch)
+        return _scored_in_batches(texts, [len(t) for t in texts], self.batch_size, score_batch,
+                                  sort=self.sort_by_length)
 
 
 def build_scorer(cfg: Any) -> Scorer:
