@@ -51,3 +51,30 @@ def test_rerun_does_no_stage_work(smoke) -> None:
     log = again.stdout + again.stderr
     assert "building" not in log and "cached" in log
     assert {p: p.stat().st_mtime_ns for p in (tmp / "artifacts").glob("*/*/DONE")} == done
+
+
+def test_sweep_logging_to_wandb_offline_runs_every_job(tmp_path: Path) -> None:
+    # Each training run must close its wandb run: the next job of the sweep shares the process.
+    env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "run.py", "-m", "experiment=smoke", "seed=1,2", "trainer.args.report_to=[wandb]",
+           f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
+           f"paths.tables={tmp_path}/tables"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "results").rglob("metrics.json"))) == 2
+    assert list((tmp_path / "artifacts" / "train").glob("*/wandb/offline-run-*"))
+
+
+@pytest.mark.parametrize("method", ["best_of_n", "sft"])
+def test_baseline_methods_run_through_run_py(method: str, tmp_path: Path) -> None:
+    _run(tmp_path, f"method={method}", "name=baseline")
+    metrics = json.loads((tmp_path / "results" / "baseline" / f"method={method}" / "metrics.json").read_text())
+    assert metrics["final"]["artifact"] != metrics["initial"]["artifact"]
+    if method == "sft":  # one candidate a query, the data set's chosen response, no ranking term
+        score = next((tmp_path / "artifacts" / "score").glob("*/train.jsonl")).read_text().splitlines()
+        assert all(len(json.loads(line)["responses"]) == 1 for line in score)
+        log = json.loads(Path(metrics["train_log"]).read_text())
+        assert all(entry["rank_loss"] == 0 for entry in log if "rank_loss" in entry)
+    table2 = (tmp_path / "tables" / "table2_vs_paper.csv").read_text()
+    if method == "best_of_n":
+        assert "alpaca-best_of_4,Alpaca,Best-of-4,tiny / imdb_offline" in table2

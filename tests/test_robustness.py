@@ -95,7 +95,9 @@ BAD_TRAINING_FILES = {
     "lengths differ": ('{"query": "q", "responses": ["a", "b"], "scores": [1.0]}\n', "2 responses but 1 scores"),
     "nan score": ('{"query": "q", "responses": ["a", "b"], "scores": [1.0, NaN]}\n', "finite"),
     "infinite score": ('{"query": "q", "responses": ["a", "b"], "scores": [1.0, Infinity]}\n', "finite"),
-    "empty responses": ('{"query": "q", "responses": [], "scores": []}\n', "bad.jsonl:1"),
+    "no responses": ('{"query": "q", "responses": [], "scores": []}\n', "bad.jsonl:1: empty 'responses' list"),
+    "empty response": ('{"query": "q", "responses": ["a", " "], "scores": [1.0, 0.0]}\n',
+                       "bad.jsonl:1: empty response at position 1"),
 }
 
 

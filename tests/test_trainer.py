@@ -182,7 +182,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow  # ~10 s, ~35 s on a fresh machine (DeepSpeed builds its CPU comm op once)
+# ~10 s, ~35 s on a fresh machine (DeepSpeed builds its CPU comm op once): cheap enough for every run.
 def test_deepspeed_zero2_single_cpu_process_matches_plain_training(assets, tmp_path):
     model_dir, train_file = assets
     options = dict(bf16=False, num_train_epochs=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,

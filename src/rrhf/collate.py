@@ -91,7 +91,11 @@ def find_runs(results: Path, *, ppl: str = "paper") -> Collection:
 
         add({"model": model, "sampling": "none", "method": "none"},
             _values(metrics["initial"], None, ppl), metrics["initial"]["artifact"])
-        if cfg.method.name != "none":
+        if cfg.method.name in ("best_of_n", "sft"):  # no candidates of a sampling setting
+            extra = {"n": cfg.method.n} if cfg.method.name == "best_of_n" else {}
+            add({"model": model, "sampling": "none", "method": cfg.method.name, **extra},
+                _values(metrics["final"], None, ppl), metrics["final"]["artifact"])
+        elif cfg.method.name != "none":
             train_args = cfg.method.get("train_args") or {}
             setting = {"hh": cfg.sampling.name, "imdb": cfg.sampling.get("table10_setting")}
             if cfg.sampling.get("table10_setting"):

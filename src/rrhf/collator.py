@@ -20,7 +20,6 @@ in the authors' layout, the denominator of the official loss.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,26 +27,26 @@ from typing import Any
 
 import torch
 
+from rrhf.data import read_jsonl
+
 SEMANTICS = ("paper", "official")
 
 
-def read_training_file(path: str | Path) -> list[dict[str, Any]]:
-    """Read a training file, checking every line; errors (ValueError) name the file and line number."""
-    path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            _check_example(row, where)
-            rows.append({"query": row["query"], "responses": list(row["responses"]),
-                         "scores": [float(s) for s in row["scores"]]})
-    return rows
+def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) -> list[dict[str, Any]]:
+    """Read a training file, checking every line; errors (ValueError) name the file and line number.
+
+    An empty response string is legal where a policy wrote it (it answered with EOS at once: that
+    candidate scores its EOS alone); for a file a user brings, allow_empty_responses=False refuses it.
+    """
+
+    def check(row: Any, where: str) -> None:
+        _check_example(row, where)
+        empty = [i for i, r in enumerate(row["responses"]) if not r.strip()]
+        if empty and not allow_empty_responses:
+            raise ValueError(f"{where}: empty response at position {empty[0]}")
+
+    return [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]]}
+            for row in read_jsonl(path, check)]
 
 
 def _check_example(row: Any, where: str) -> None:

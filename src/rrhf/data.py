@@ -7,6 +7,7 @@ rest of the review is `chosen`, and there is no `rejected` (None).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ def load_split(source: str | Path, split: str, *, limit: int | None = None) -> l
     """
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
-        rows = _read_jsonl(folder / f"{split}.jsonl")
+        rows = read_jsonl(folder / f"{split}.jsonl", _check_row)
     else:
         import datasets
 
@@ -30,7 +31,12 @@ def load_split(source: str | Path, split: str, *, limit: int | None = None) -> l
     return rows if limit is None else rows[:limit]
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, check: Callable[[Any, str], None]) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file, each passed to `check(row, "file:line")`; blank lines skipped.
+
+    Errors (ValueError) name the file and the line number.
+    """
+    path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = []
@@ -43,7 +49,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            _check_row(row, where)
+            check(row, where)
             rows.append(row)
     return rows
 

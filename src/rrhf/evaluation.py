@@ -198,3 +198,31 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
                 out[semantics][0].extend(scores[:, 0].tolist())
                 out[semantics][1].extend(scores[:, 1].tolist())
     return out
+
+
+def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: int, max_new_tokens: int,
+                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
+                        max_prompt_tokens: int = 256, seed: int = 0) -> list[str]:
+    """Best-of-n (Table 2's Best-of-4 row; Table 8: n samples at inference, none at training).
+
+    Samples n responses per prompt, applies the stop cut, and keeps the one the reward model scores
+    highest (the first on ties). Batches are seeded by their position, so the draw is reproducible.
+    """
+    from rrhf.sampling import left_truncated_batch
+
+    best = []
+    with _eval_mode(model), torch.no_grad():
+        for start in tqdm(range(0, len(prompts), batch_size), desc=f"best-of-{n}", unit="batch"):
+            chunk = list(prompts[start:start + batch_size])
+            batch = left_truncated_batch(tokenizer, chunk, max_prompt_tokens)
+            torch.manual_seed(seed + start)
+            out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
+                                 num_return_sequences=n, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            candidates = [stop_cut(t) for t in texts]
+            rewards = scorer.score([p for p in chunk for _ in range(n)], candidates)
+            for i in range(len(chunk)):
+                group = rewards[i * n:(i + 1) * n]
+                best.append(candidates[i * n + group.index(max(group))])
+    return best

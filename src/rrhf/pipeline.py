@@ -134,11 +134,25 @@ def _file_stage(cfg: DictConfig) -> Path:
               "mtime_ns": source.stat().st_mtime_ns}
 
     def build(work: Path) -> None:
-        rows = read_training_file(source)  # names the file and line of a malformed one
+        rows = read_training_file(source, allow_empty_responses=False)  # names the file and line of a bad one
         with open(work / "train.jsonl", "w") as handle:
             for row in rows:
                 handle.write(json.dumps({k: row[k] for k in ("query", "responses", "scores")}) + "\n")
         write_json_atomic(work / "stats.json", {"all": sample_statistics([r["scores"] for r in rows])})
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
+    return folder
+
+
+def sft_data_stage(cfg: DictConfig) -> Path:
+    """The data set's chosen responses as a training file of one candidate each: with rank_weight 0 the
+    RRHF objective is then plain supervised fine-tuning (the Alpaca-sft initial model of Table 2)."""
+    inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sft_on": "chosen"}
+
+    def build(work: Path) -> None:
+        with open(work / "train.jsonl", "w") as handle:
+            for row in _prompts(cfg, "train"):
+                handle.write(json.dumps({"query": row["prompt"], "responses": [row["chosen"]], "scores": [1.0]}) + "\n")
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
     return folder
@@ -155,7 +169,8 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path) -> Path:
         from rrhf.assets import resolve_model
         from rrhf.trainer import RRHFArguments, train
 
-        args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **trainer_args, **method_args)
+        # A method's own training settings (e.g. sft's learning rate) win over the profile's.
+        args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **(trainer_args | method_args))
         train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[_CrashAfterSave()])
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
@@ -176,8 +191,8 @@ def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
     """Responses to the test prompts, their mean reward and their perplexity under the judge.
 
     `policy` is a model path (greedy responses, plus its accuracy as a reward model on the test pairs:
-    Table 5) or `dataset:chosen` / `dataset:rejected` (the data set's own responses: Table 2's good and
-    bad response rows).
+    Table 5), `best_of_n:<model path>` (the reward model picks one of n samples: Table 2's Best-of-4),
+    or `dataset:chosen` / `dataset:rejected` (the data set's own responses: Table 2's good and bad rows).
     """
     e = cfg.eval
     inputs = {"stage": "evaluate", "policy": policy_key, "task": _task_key(cfg, "test"), "eval": _plain(e),
@@ -186,6 +201,7 @@ def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
     def build(work: Path) -> None:
         from rrhf.assets import load_causal_lm
         from rrhf.evaluation import (
+            best_of_n_responses,
             greedy_responses,
             perplexities,
             policy_scores,
@@ -197,8 +213,17 @@ def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
         rows = _prompts(cfg, "test")
         prompts = [r["prompt"] for r in rows]
         metrics: dict[str, Any] = {"num_prompts": len(prompts)}
+        scorer = build_scorer(cfg.reward)
         if policy.startswith("dataset:"):
             responses = [stop_cut(r[policy.removeprefix("dataset:")] or "") for r in rows]
+        elif policy.startswith("best_of_n:"):
+            m = cfg.method
+            model, tokenizer = load_causal_lm(policy.removeprefix("best_of_n:"),
+                                              trust_remote_code=cfg.model.trust_remote_code)
+            responses = best_of_n_responses(model, tokenizer, prompts, scorer, n=m.n, max_new_tokens=e.max_new_tokens,
+                                            temperature=m.temperature, top_p=m.top_p, batch_size=m.batch_size,
+                                            max_prompt_tokens=e.max_prompt_tokens, seed=cfg.seed)
+            del model
         else:
             model, tokenizer = load_causal_lm(policy, trust_remote_code=cfg.model.trust_remote_code)
             raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
@@ -211,7 +236,7 @@ def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
                 for semantics, (chosen, rejected) in scores.items():
                     metrics[f"rm_accuracy_{semantics}"] = preference_accuracy(chosen, rejected)
             del model
-        rewards = build_scorer(cfg.reward).score(prompts, responses)
+        rewards = scorer.score(prompts, responses)
         judge, judge_tokenizer = load_causal_lm(e.judge)
         ppl = {mode: perplexities(responses, judge, judge_tokenizer, mode=mode, batch_size=e.ppl_batch_size)
                for mode in ("paper", "exact")}
@@ -251,10 +276,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["trained"] = evaluate_stage(cfg, str(trained), f"train:{trained.parent.name}")
         metrics["train_log"] = str(trained.parent / "log_history.json")
         metrics["final"] = metrics["trained"]
+    elif cfg.method.name == "sft":
+        trained = train_stage(cfg, model_path, sft_data_stage(cfg))
+        metrics["trained"] = evaluate_stage(cfg, str(trained), f"train:{trained.parent.name}")
+        metrics["train_log"] = str(trained.parent / "log_history.json")
+        metrics["final"] = metrics["trained"]
+    elif cfg.method.name == "best_of_n":
+        key = f"best_of_n:{model_path}:{_plain(cfg.method)}:seed={cfg.seed}"
+        metrics["final"] = evaluate_stage(cfg, f"best_of_n:{model_path}", key)
     elif cfg.method.name == "none":
         metrics["final"] = metrics["initial"]
     else:
-        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf or none")
+        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, sft, best_of_n or none")
     if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
         return metrics
     write_json_atomic(run_dir / "metrics.json", metrics)

@@ -133,6 +133,12 @@ def _wandb_env(args: RRHFArguments, output_dir: Path) -> Iterator[None]:
     try:
         yield
     finally:
+        import wandb
+
+        # Close the run and its log files: the next run of a sweep in this process starts its own, and
+        # this run's folder is renamed once the stage completes.
+        if wandb.run is not None:
+            wandb.finish()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
