@@ -78,3 +78,17 @@ def test_baseline_methods_run_through_run_py(method: str, tmp_path: Path) -> Non
     table2 = (tmp_path / "tables" / "table2_vs_paper.csv").read_text()
     if method == "best_of_n":
         assert "alpaca-best_of_4,Alpaca,Best-of-4,tiny / imdb_offline" in table2
+
+
+def test_iterated_sampling_trains_each_iteration_from_the_last(tmp_path: Path) -> None:
+    _run(tmp_path, "sampling=IP-2", "name=iterate")
+    metrics = json.loads((tmp_path / "results" / "iterate" / "sampling=IP-2" / "metrics.json").read_text())
+    first, second = metrics["iterations"]
+    assert metrics["final"] == second["trained"] and first["trained"] != second["trained"]
+    def made_from(stage: str) -> list[str]:
+        folders = [p for p in (tmp_path / "artifacts" / stage).iterdir() if p.is_dir()]
+        return sorted(json.loads((p / "inputs.json").read_text())["model"] for p in folders)
+
+    first_model = str(Path(first["train_log"]).parent / "model")
+    # Iteration 2 samples with, and starts training from, iteration 1's model.
+    assert made_from("train") == made_from("sample") == sorted(["embedded:tiny", first_model])

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Sampling keys that name or label a setting without changing what is generated: DP and D (and
 # imdb_BP and imdb_B) share one generation artifact.
-SAMPLING_LABELS = ("name", "dataset_responses", "table10_setting")
+SAMPLING_LABELS = ("name", "dataset_responses", "table10_setting", "iterations")
 
 
 def _plain(node: Any) -> Any:
@@ -268,13 +268,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["reward_model_accuracy"] = sum(c["reward"] > r["reward"] for c, r in zip(chosen, rejected)) / len(
                 chosen)
     if cfg.method.name == "rrhf":
-        sampled = sample_stage(cfg, model_path)
-        scored = score_stage(cfg, model_path, sampled)
-        metrics["samples"] = json.loads((scored / "stats.json").read_text())
-        metrics["candidates"] = str(scored / "train.jsonl")
-        trained = train_stage(cfg, model_path, scored)
-        metrics["trained"] = evaluate_stage(cfg, str(trained), f"train:{trained.parent.name}")
-        metrics["train_log"] = str(trained.parent / "log_history.json")
+        # IP-n: iteration k samples with, and trains from, the model of iteration k-1 (one pass otherwise).
+        policy, metrics["iterations"] = model_path, []
+        for _ in range(int(cfg.sampling.get("iterations", 1))):
+            sampled = sample_stage(cfg, policy)
+            scored = score_stage(cfg, policy, sampled)
+            trained = train_stage(cfg, policy, scored)
+            policy = str(trained)
+            metrics["iterations"].append({
+                "samples": json.loads((scored / "stats.json").read_text()),
+                "candidates": str(scored / "train.jsonl"),
+                "trained": evaluate_stage(cfg, policy, f"train:{trained.parent.name}"),
+                "train_log": str(trained.parent / "log_history.json")})
+        metrics |= {k: metrics["iterations"][-1][k] for k in ("samples", "candidates", "trained", "train_log")}
         metrics["final"] = metrics["trained"]
     elif cfg.method.name == "sft":
         trained = train_stage(cfg, model_path, sft_data_stage(cfg))
