@@ -30,6 +30,8 @@ def _metrics(tmp: Path, run: str = "smoke") -> dict:
     def strip(node):
         if isinstance(node, dict):
             return {k: strip(v) for k, v in node.items() if k not in ("artifact", "train_log", "candidates")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
         return node
 
     return strip(json.loads((tmp / "results" / run / "metrics.json").read_text()))
