@@ -46,17 +46,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
-    # Left truncation by the tokenizer itself keeps its special tokens (a LLaMA BOS stays in front),
-    # as the authors' tokenizer with truncation_side="left" did.
-    saved = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        return tokenizer(prompt, truncation=True, max_length=max_prompt_tokens).input_ids
-    finally:
-        tokenizer.truncation_side = saved
-
-
 def greedy_responses(
     model,
     tokenizer,
@@ -71,7 +60,9 @@ def greedy_responses(
     Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
     sorted by length so that little padding is wasted. No stop cut is applied here (see `stop_cut`).
     """
-    encoded = [_prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    from rrhf.sampling import left_padded, prompt_ids
+
+    encoded = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(prompts)
@@ -79,10 +70,10 @@ def greedy_responses(
     with _eval_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="greedy", unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.tensor([[pad_id] * (width - len(encoded[i])) + encoded[i] for i in chunk])
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in chunk])
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+            batch = left_padded([encoded[i] for i in chunk], pad_id)
+            width = batch["input_ids"].shape[1]
+            out = model.generate(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device),
                                  do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
                                  pad_token_id=pad_id)
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)

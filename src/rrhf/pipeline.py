@@ -166,25 +166,21 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path) -> Path:
               "method": method_args, "seed": cfg.seed}
 
     def build(work: Path) -> None:
+        from transformers import TrainerCallback
+
         from rrhf.assets import resolve_model
         from rrhf.trainer import RRHFArguments, train
 
+        class CrashAfterSave(TrainerCallback):  # the stage's crash point, once a checkpoint is on disk
+            def on_save(self, args, state, control, **kwargs) -> None:
+                crash_point("train")
+
         # A method's own training settings (e.g. sft's learning rate) win over the profile's.
         args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **(trainer_args | method_args))
-        train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[_CrashAfterSave()])
+        train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()])
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
     return folder / "model"
-
-
-class _CrashAfterSave:
-    """Trainer callback: the crash point of the train stage, once a checkpoint is on disk."""
-
-    def __getattr__(self, event: str):
-        return lambda *args, **kwargs: None  # every other Trainer event: nothing
-
-    def on_save(self, *args, **kwargs) -> None:
-        crash_point("train")
 
 
 def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:

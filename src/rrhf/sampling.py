@@ -18,19 +18,37 @@ from tqdm.auto import tqdm
 from rrhf.artifacts import crash_point
 from rrhf.beam_search import diverse_beam_search
 
-__all__ = ["diverse_beam_search", "generate_candidates", "left_truncated_batch"]
+__all__ = ["diverse_beam_search", "generate_candidates", "left_truncated_batch", "prompt_ids"]
 
 log = logging.getLogger(__name__)
 
 
-def left_truncated_batch(tokenizer, prompts: list[str], max_prompt_tokens: int) -> dict[str, torch.Tensor]:
-    """Tokenise prompts, keep the last `max_prompt_tokens` of each (the paper's left truncation), left-pad."""
-    ids = [tokenizer(p).input_ids[-max_prompt_tokens:] for p in prompts]
+def prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
+    """A prompt's token ids, left-truncated to its last `max_prompt_tokens` (the paper's rule).
+
+    The tokenizer truncates, so its special tokens stay (a LLaMA BOS remains in front), as the
+    authors' tokenizer with truncation_side="left" did.
+    """
+    saved = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompt, truncation=True, max_length=max_prompt_tokens).input_ids
+    finally:
+        tokenizer.truncation_side = saved
+
+
+def left_padded(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch of token-id lists, left-padded (generation continues from the right edge)."""
     width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def left_truncated_batch(tokenizer, prompts: list[str], max_prompt_tokens: int) -> dict[str, torch.Tensor]:
+    """Tokenise prompts with the paper's left truncation and left-pad them into one batch."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return left_padded([prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts], pad_id)
 
 
 def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None:
@@ -43,6 +61,8 @@ def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None
 
 def _generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
     batch = left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens)
+    check_context(model, batch["input_ids"].shape[1], cfg.max_new_tokens,
+                  "sampling.max_prompt_tokens + sampling.max_new_tokens")
     common = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id)
     n = cfg.num_candidates
@@ -82,9 +102,6 @@ def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file
     todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(prompts[i]))
     if done:
         log.info("sampling: resuming, %d of %d prompts already done", len(done), len(prompts))
-    longest = max((len(tokenizer(p).input_ids) for p in prompts), default=0)
-    check_context(model, min(longest, cfg.max_prompt_tokens), cfg.max_new_tokens,
-                  "sampling.max_prompt_tokens + sampling.max_new_tokens")
     model.eval()
     bar = tqdm(total=len(prompts), initial=len(done), desc=f"sampling {cfg.name}", unit="prompt")
     with open(out_file, "a") as handle:
