@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment"]
+GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings"]
 
 
 def _options(group: str) -> list[str]:
@@ -71,3 +71,13 @@ def test_unknown_option_fails_with_its_name() -> None:
 
     with pytest.raises(MissingConfigException, match="sampling"):
         _compose(["sampling=XYZ"])
+
+
+def test_run_folder_names_stay_below_the_file_name_limit() -> None:
+    from rrhf import dirname_safe
+
+    assert dirname_safe("model=tiny,task.source=/data/x") == "model=tiny,task.source=_data_x"
+    long = ",".join(f"trainer.args.option_{i}=value_{i}" for i in range(20))
+    name = dirname_safe(long)
+    assert len(name.encode()) <= 200 and name.startswith(long[:100])
+    assert dirname_safe(long + "x") != name  # distinct overrides keep distinct folders

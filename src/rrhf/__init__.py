@@ -1,8 +1,18 @@
 """RRHF: Rank Responses to align language models with Human Feedback (Yuan et al., NeurIPS 2023)."""
 
+import hashlib
+
 from omegaconf import OmegaConf
 
-# Run folders are named by their overrides (conf/config.yaml); a path among the values must not
-# create sub-folders.
+
+def dirname_safe(text: object) -> str:
+    """A run folder name from its overrides: a path among the values must not create sub-folders, and a
+    long list of overrides must not pass the file-name limit (255 bytes), so it is cut and a hash added."""
+    name = str(text).replace("/", "_")
+    if len(name.encode()) > 200:
+        name = name.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return name
+
+
 if not OmegaConf.has_resolver("dirname_safe"):
-    OmegaConf.register_new_resolver("dirname_safe", lambda text: str(text).replace("/", "_"))
+    OmegaConf.register_new_resolver("dirname_safe", dirname_safe)

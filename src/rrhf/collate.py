@@ -91,8 +91,10 @@ def find_runs(results: Path, *, ppl: str = "paper") -> Collection:
 
         add({"model": model, "sampling": "none", "method": "none"},
             _values(metrics["initial"], None, ppl), metrics["initial"]["artifact"])
-        if cfg.method.name in ("best_of_n", "sft"):  # no candidates of a sampling setting
+        if cfg.method.name in ("best_of_n", "sft", "ppo"):  # no candidates of a sampling setting
             extra = {"n": cfg.method.n} if cfg.method.name == "best_of_n" else {}
+            if cfg.method.name == "ppo":
+                extra["kl_coef"] = float(cfg.method.ppo.init_kl_coef)
             add({"model": model, "sampling": "none", "method": cfg.method.name, **extra},
                 _values(metrics["final"], None, ppl), metrics["final"]["artifact"])
         elif cfg.method.name != "none":
@@ -101,7 +103,8 @@ def find_runs(results: Path, *, ppl: str = "paper") -> Collection:
             if cfg.sampling.get("table10_setting"):
                 setting["hh"] = None  # an IMDB-appendix setting: not a row of the HH tables
             add({"model": model, "sampling": setting, "method": cfg.method.name,
-                 "rank_weight": float(train_args.get("rank_weight", 1.0))},
+                 "rank_weight": float(train_args.get("rank_weight", 1.0)),
+                 "kl_coef": float(cfg.sampling.get("kl_coef") or 0.0)},
                 _values(metrics["final"], metrics.get("samples"), ppl), metrics["final"]["artifact"])
         if metrics.get("train_log") and Path(metrics["train_log"]).exists():
             found.train_logs[f"{ours} {cfg.sampling.name} seed {cfg.seed} ({folder.name})"] = Path(metrics["train_log"])

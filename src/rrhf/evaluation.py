@@ -36,7 +36,7 @@ def stop_cut(text: str) -> str:
 
 
 @contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     # Dropout must be off for a deterministic metric; the caller's training state comes back afterwards.
     was_training = model.training
     model.eval()
@@ -67,7 +67,7 @@ def greedy_responses(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(prompts)
     device = model.device
-    with _eval_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="greedy", unit="prompt") as bar:
+    with eval_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="greedy", unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = left_padded([encoded[i] for i in chunk], pad_id)
@@ -119,7 +119,7 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     results: list[float] = [0.0] * len(ids)
     device = model.device
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             rows = [[context_id] + ids[i] for i in chunk]
@@ -174,7 +174,7 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
     from rrhf.logprobs import group_logprob_sums
 
     out: dict[str, tuple[list[float], list[float]]] = {"paper": ([], []), "official": ([], [])}
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in tqdm(range(0, len(pairs), batch_size), desc="policy scores", unit="batch"):
             for semantics in ("paper", "official"):
                 examples = [tokenize_example({"query": p, "responses": [c, r], "scores": [1.0, 0.0]}, tokenizer,
@@ -202,7 +202,7 @@ def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: 
     from rrhf.sampling import left_truncated_batch
 
     best = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"best-of-{n}", unit="batch"):
             chunk = list(prompts[start:start + batch_size])
             batch = left_truncated_batch(tokenizer, chunk, max_prompt_tokens)

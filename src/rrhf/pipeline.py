@@ -7,10 +7,13 @@ finished run does no stage work. The run folder (Hydra's output folder) receives
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,9 @@ from rrhf.artifacts import crash_point, rank, run_stage, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-# Sampling keys that name or label a setting without changing what is generated: DP and D (and
-# imdb_BP and imdb_B) share one generation artifact.
-SAMPLING_LABELS = ("name", "dataset_responses", "table10_setting", "iterations")
+# Sampling keys that do not change the first generation: labels, the dataset flag, and what later
+# iterations or online refreshes do. DP, D, IP-n and OP-k (and imdb_BP, imdb_B) share one generation.
+NOT_GENERATION_KEYS = ("name", "dataset_responses", "table10_setting", "iterations", "refresh_steps", "kl_coef")
 
 
 def _plain(node: Any) -> Any:
@@ -54,6 +57,45 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
+@contextlib.contextmanager
+def measured(work: Path) -> Iterator[None]:
+    """Record the wall time and peak memory of a stage's build in work/cost.json.
+
+    Peak resident memory is polled (the process's lifetime maximum would carry over from earlier runs of
+    a sweep in the same process); on a GPU, torch's peak allocation is reset and read.
+    """
+    import psutil
+
+    process, peak, stop = psutil.Process(), [0], threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            stop.wait(0.2)
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    watcher = threading.Thread(target=poll, daemon=True)
+    started = time.time()
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+    cost = {"seconds": round(time.time() - started, 2), "peak_rss_mib": round(peak[0] / 2**20, 1)}
+    if cuda:
+        cost["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    write_json_atomic(work / "cost.json", cost)
+
+
+def stage_cost(folder: Path) -> dict | None:
+    """A stage artifact's cost.json (None for stages built before costs were recorded)."""
+    path = Path(folder) / "cost.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _set_threads(cfg: DictConfig) -> None:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -65,7 +107,7 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     if s.generator in ("none", "file"):
         return None
     inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": model_path,
-              "sampling": {k: v for k, v in _plain(s).items() if k not in SAMPLING_LABELS},
+              "sampling": {k: v for k, v in _plain(s).items() if k not in NOT_GENERATION_KEYS},
               "seed": cfg.seed if s.generator in ("top_p", "top_k") else None}
 
     def build(work: Path) -> None:
@@ -73,9 +115,10 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
         from rrhf.sampling import generate_candidates
 
         rows = _prompts(cfg, "train")
-        model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        generate_candidates(model, tokenizer, [r["prompt"] for r in rows], s, work / "candidates.jsonl",
-                            seed=cfg.seed)
+        with measured(work):
+            model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.model.trust_remote_code)
+            generate_candidates(model, tokenizer, [r["prompt"] for r in rows], s, work / "candidates.jsonl",
+                                seed=cfg.seed)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "sample", inputs, build)
     return folder
@@ -101,10 +144,11 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
             responses = list(generated.get(i, []))
             responses += [row[field] for field in s.dataset_responses if row.get(field) is not None]
             groups.append((row["prompt"], responses, len(generated.get(i, []))))
-        scorer = build_scorer(cfg.reward)
-        flat_prompts = [p for p, rs, _ in groups for _ in rs]
-        flat_responses = [r for _, rs, _ in groups for r in rs]
-        flat_scores = iter(scorer.score(flat_prompts, flat_responses))
+        with measured(work):
+            scorer = build_scorer(cfg.reward)
+            flat_prompts = [p for p, rs, _ in groups for _ in rs]
+            flat_responses = [r for _, rs, _ in groups for r in rs]
+            flat_scores = iter(scorer.score(flat_prompts, flat_responses))
         with open(work / "train.jsonl", "w") as handle:
             scored = []
             for prompt, responses, n_sampled in groups:
@@ -158,12 +202,15 @@ def sft_data_stage(cfg: DictConfig) -> Path:
     return folder
 
 
-def train_stage(cfg: DictConfig, model_path: str, scored: Path) -> Path:
-    """Fine-tune the policy with the RRHF loss on the scored candidates."""
+def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool = False) -> Path:
+    """Fine-tune the policy with the RRHF loss on the scored candidates (OP-k: re-sampled as it trains)."""
     trainer_args = _plain(cfg.trainer.args)
     method_args = _plain(cfg.method.train_args)
     inputs = {"stage": "train", "model": model_path, "scored": scored.name, "trainer": trainer_args,
               "method": method_args, "seed": cfg.seed}
+    if online:
+        inputs["online"] = {"task": _task_key(cfg, "train"), "sampling": _plain(cfg.sampling),
+                            "reward": _plain(cfg.reward)}
 
     def build(work: Path) -> None:
         from transformers import TrainerCallback
@@ -177,9 +224,40 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path) -> Path:
 
         # A method's own training settings (e.g. sft's learning rate) win over the profile's.
         args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **(trainer_args | method_args))
-        train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()])
+        settings = None
+        if online:
+            from rrhf.online import OnlineSettings
+            from rrhf.reward import build_scorer
+
+            settings = OnlineSettings(rows=_prompts(cfg, "train"), sampling=cfg.sampling,
+                                      scorer=build_scorer(cfg.reward), refresh_steps=int(cfg.sampling.refresh_steps),
+                                      kl_coef=float(cfg.sampling.get("kl_coef") or 0.0), seed=cfg.seed)
+        with measured(work):
+            train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()],
+                  online=settings)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
+    return folder / "model"
+
+
+def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
+    """Fine-tune the policy with PPO (the trlX ppo_hh settings by default) on the training prompts."""
+    settings = _plain(cfg.method.ppo)
+    inputs = {"stage": "ppo", "model": model_path, "task": _task_key(cfg, "train"), "ppo": settings,
+              "reward": _plain(cfg.reward), "seed": cfg.seed}
+
+    def build(work: Path) -> None:
+        from rrhf.ppo import PPOConfig, train_ppo
+        from rrhf.reward import build_scorer
+
+        rows = _prompts(cfg, "train")
+        # Delta reward against the data set's chosen response (trlX ppo_hh), where the task has one.
+        references = [r.get("chosen") or "" for r in rows] if all(r.get("chosen") for r in rows) else None
+        with measured(work):
+            train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(cfg.reward), work,
+                      PPOConfig(**settings, seed=cfg.seed))
+
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build)
     return folder / "model"
 
 
@@ -263,24 +341,35 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                                 for f in fields)
             metrics["reward_model_accuracy"] = sum(c["reward"] > r["reward"] for c, r in zip(chosen, rejected)) / len(
                 chosen)
+    costs: dict[str, Any] = {}  # the cost of producing the final policy, stage by stage
     if cfg.method.name == "rrhf":
+        online = bool(cfg.sampling.get("refresh_steps"))
         # IP-n: iteration k samples with, and trains from, the model of iteration k-1 (one pass otherwise).
         policy, metrics["iterations"] = model_path, []
-        for _ in range(int(cfg.sampling.get("iterations", 1))):
+        for i in range(int(cfg.sampling.get("iterations", 1))):
             sampled = sample_stage(cfg, policy)
             scored = score_stage(cfg, policy, sampled)
-            trained = train_stage(cfg, policy, scored)
+            trained = train_stage(cfg, policy, scored, online=online)
             policy = str(trained)
-            metrics["iterations"].append({
+            costs |= {f"{name}_{i + 1}": stage_cost(folder)
+                      for name, folder in (("sample", sampled), ("score", scored), ("train", trained.parent)) if folder}
+            iteration = {
                 "samples": json.loads((scored / "stats.json").read_text()),
                 "candidates": str(scored / "train.jsonl"),
                 "trained": evaluate_stage(cfg, policy, f"train:{trained.parent.name}"),
-                "train_log": str(trained.parent / "log_history.json")})
+                "train_log": str(trained.parent / "log_history.json")}
+            if online:
+                from rrhf.online import refresh_statistics
+
+                iteration["refreshes"] = refresh_statistics(trained.parent / "online")
+            metrics["iterations"].append(iteration)
         metrics |= {k: metrics["iterations"][-1][k] for k in ("samples", "candidates", "trained", "train_log")}
         metrics["final"] = metrics["trained"]
-    elif cfg.method.name == "sft":
-        trained = train_stage(cfg, model_path, sft_data_stage(cfg))
-        metrics["trained"] = evaluate_stage(cfg, str(trained), f"train:{trained.parent.name}")
+    elif cfg.method.name in ("sft", "ppo"):
+        trained = train_stage(cfg, model_path, sft_data_stage(cfg)) if cfg.method.name == "sft" else ppo_stage(
+            cfg, model_path)
+        costs["train_1"] = stage_cost(trained.parent)
+        metrics["trained"] = evaluate_stage(cfg, str(trained), f"{trained.parent.parent.name}:{trained.parent.name}")
         metrics["train_log"] = str(trained.parent / "log_history.json")
         metrics["final"] = metrics["trained"]
     elif cfg.method.name == "best_of_n":
@@ -289,12 +378,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     elif cfg.method.name == "none":
         metrics["final"] = metrics["initial"]
     else:
-        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, sft, best_of_n or none")
+        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, sft, ppo, best_of_n or none")
     if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
         return metrics
     write_json_atomic(run_dir / "metrics.json", metrics)
     # Kept apart from metrics.json, which is a pure function of the config and seed.
-    write_json_atomic(run_dir / "timing.json", {"wall_seconds": round(time.time() - started, 2)})
+    write_json_atomic(run_dir / "timing.json", {"wall_seconds": round(time.time() - started, 2), "stages": costs})
     log.info("metrics: reward %.4f -> %.4f, ppl(paper) %.2f -> %.2f", metrics["initial"]["reward"],
              metrics["final"]["reward"], metrics["initial"]["ppl_paper"], metrics["final"]["ppl_paper"])
     return metrics

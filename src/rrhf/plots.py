@@ -13,14 +13,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def training_curves(log_history: list[dict[str, Any]], title: str, out: Path) -> Path:
-    """Loss with its rank and SFT parts over optimiser steps (from the Trainer's log history)."""
+    """RRHF: loss with its rank and SFT parts over optimiser steps (the Trainer's log history).
+    PPO: mean reward of the round's samples and their KL to the initial policy over rounds."""
+    ppo = any("round" in e for e in log_history)
+    x, ylabel = ("round", "value") if ppo else ("step", "loss")
+    series = ((("mean_score", "reward of the samples"), ("mean_kl", "KL to the initial policy")) if ppo else
+              (("loss", "loss"), ("rank_loss", "rank part"), ("sft_loss", "SFT part")))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("loss", "loss"), ("rank_loss", "rank part"), ("sft_loss", "SFT part")):
-        points = [(e["step"], e[key]) for e in log_history if key in e]
+    for key, label in series:
+        points = [(e[x], e[key]) for e in log_history if key in e and x in e]
         if points:
             ax.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel("loss")
+    ax.set_xlabel("PPO round" if ppo else "optimiser step")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()

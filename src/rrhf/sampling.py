@@ -59,7 +59,7 @@ def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None
                          f"context of {limit} positions; lower them")
 
 
-def _generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
+def generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
     batch = left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens)
     check_context(model, batch["input_ids"].shape[1], cfg.max_new_tokens,
                   "sampling.max_prompt_tokens + sampling.max_new_tokens")
@@ -107,7 +107,7 @@ def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file
     with open(out_file, "a") as handle:
         for start in range(0, len(todo), cfg.batch_size):
             chunk = todo[start:start + cfg.batch_size]
-            groups = _generate_batch(model, tokenizer, [prompts[i] for i in chunk], cfg, seed=seed + chunk[0])
+            groups = generate_batch(model, tokenizer, [prompts[i] for i in chunk], cfg, seed=seed + chunk[0])
             for i, responses in zip(chunk, groups):
                 handle.write(json.dumps({"index": i, "responses": responses}) + "\n")
             handle.flush()

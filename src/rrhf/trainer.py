@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -20,6 +20,9 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from rrhf.collator import RRHFCollator, read_training_file
 from rrhf.logprobs import LAYOUTS, group_logprob_sums
 from rrhf.loss import SEMANTICS, rrhf_loss
+
+if TYPE_CHECKING:
+    from rrhf.online import OnlineSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,12 +150,13 @@ def _wandb_env(args: RRHFArguments, output_dir: Path) -> Iterator[None]:
 
 
 def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *, args: RRHFArguments,
-          callbacks: list[TrainerCallback] | None = None) -> Path:
+          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
     Checkpoints go to args.output_dir (the pipeline uses output_dir/"checkpoints") and training resumes from
     the newest complete one found there. Writes output_dir/"model" (weights as safetensors + tokenizer) and
-    output_dir/"log_history.json".
+    output_dir/"log_history.json". With `online` (OP-k) the file's groups are the starting candidates,
+    re-sampled every k steps (see `rrhf.online`); every refresh is kept in output_dir/"online".
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,10 +168,20 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     records = read_training_file(train_file)
     collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length)
+    resume = last_checkpoint(args.output_dir)
     with _wandb_env(args, output_dir):
-        trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
-                              processing_class=tokenizer, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=last_checkpoint(args.output_dir))
+        if online is None:
+            trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
+                                  processing_class=tokenizer, callbacks=callbacks)
+        else:
+            from rrhf.online import OnlineRRHFTrainer
+
+            candidates = online.candidates(records, tokenizer, model, args, output_dir / "online")
+            if resume is not None:
+                candidates.resume_at(int(Path(resume).name.split("-")[-1]))
+            trainer = OnlineRRHFTrainer(model=model, args=args, candidates=candidates, collator=collator,
+                                        processing_class=tokenizer, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume)
     final = output_dir / "model"
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():

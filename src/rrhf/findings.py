@@ -1,0 +1,233 @@
+"""experiment=findings: the paper's qualitative claims, each tested on the arms of one sweep.
+
+Every arm answers the same test prompts, so a comparison of two arms is a paired difference of
+per-prompt values (reward, or the judge's perplexity of the response) with a 95% bootstrap interval over
+prompts. A comparison holds when the interval lies on the claimed side of 0, fails when it lies on the
+other side, and is inconclusive otherwise; a claim holds when all its comparisons hold and fails when
+any fails. The cost claim compares the recorded wall time and peak memory of the stages that produced
+each policy (sample + score + train for RRHF, the PPO stage for PPO).
+
+    python -m rrhf.findings results/findings --out paper_tables
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+METRICS = {"reward": "reward", "ppl": "ppl_paper"}  # per-response fields in an evaluation's responses.jsonl
+
+
+@dataclass(frozen=True)
+class Comparison:
+    a: str  # arm
+    b: str  # arm it is compared with
+    metric: str  # reward | ppl
+    direction: str  # higher | lower | not_lower (a is not significantly below b)
+
+
+@dataclass(frozen=True)
+class Claim:
+    statement: str
+    source: str
+    comparisons: tuple[Comparison, ...] = ()
+    cost: tuple[str, str] | None = None  # (cheaper arm, dearer arm): both wall time and memory lower
+
+
+CLAIMS = (
+    Claim("RRHF (DP) raises the reward over the initial policy", "Tables 2, 6",
+          (Comparison("rrhf_dp", "initial", "reward", "higher"),)),
+    Claim("Removing L_rank lowers the reward", "Table 7",
+          (Comparison("no_rank", "rrhf_dp", "reward", "lower"),)),
+    Claim("IP-2 beats IP-1 (= DP)", "Table 6",
+          (Comparison("ip2", "rrhf_dp", "reward", "higher"),)),
+    Claim("OP without KL raises the reward over DP but hurts perplexity (reward hacking)", "Table 6",
+          (Comparison("op", "rrhf_dp", "reward", "higher"), Comparison("op", "rrhf_dp", "ppl", "higher"))),
+    Claim("The KL term restrains OP: lower perplexity than OP without it", "Table 6",
+          (Comparison("op_kl", "op", "ppl", "lower"),)),
+    Claim("Best-of-4 beats greedy decoding of the initial policy", "Table 2",
+          (Comparison("best_of_4", "initial", "reward", "higher"),)),
+    Claim("RRHF is competitive with PPO in reward", "Table 2",
+          (Comparison("rrhf_dp", "ppo", "reward", "not_lower"),)),
+    Claim("RRHF costs a fraction of PPO's wall time and memory", "Sections 1, 4", cost=("rrhf_dp", "ppo")),
+)
+
+
+@dataclass
+class Arm:
+    name: str
+    per_prompt: dict[str, np.ndarray]  # metric -> values over the test prompts, in prompt order
+    prompts: list[str]
+    seconds: float | None  # stages that produced the policy (None: nothing trained or not recorded)
+    peak_rss_mib: float | None
+
+
+def _responses(artifact: str) -> list[dict[str, Any]]:
+    with open(Path(artifact) / "responses.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def load_arms(results: Path) -> dict[str, Arm]:
+    """The finished arms of a findings sweep under `results`, by arm name."""
+    arms = {}
+    for hydra_file in sorted(Path(results).rglob(".hydra/hydra.yaml")):
+        folder = hydra_file.parent.parent
+        name = OmegaConf.load(hydra_file).hydra.runtime.choices.get("findings")
+        if name is None or not (folder / "metrics.json").exists():
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text())
+        rows = _responses(metrics["final"]["artifact"])
+        timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
+        costs = [c for c in (timing.get("stages") or {}).values() if c]
+        arms[name] = Arm(name, {m: np.array([r[f] for r in rows], dtype=float) for m, f in METRICS.items()},
+                         [r["prompt"] for r in rows],
+                         sum(c["seconds"] for c in costs) if costs else None,
+                         max(c["peak_rss_mib"] for c in costs) if costs else None)
+    return arms
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float,
+                                                                                                   float]:
+    """Mean of a - b and its 95% percentile-bootstrap interval over the paired items."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(lo), float(hi)
+
+
+def comparison_verdict(direction: str, lo: float, hi: float) -> str:
+    if direction == "higher":
+        return "holds" if lo > 0 else "does not hold" if hi < 0 else "inconclusive"
+    if direction == "lower":
+        return "holds" if hi < 0 else "does not hold" if lo > 0 else "inconclusive"
+    if direction == "not_lower":  # competitive: not significantly below
+        return "does not hold" if hi < 0 else "holds"
+    raise ValueError(f"unknown direction {direction!r}")
+
+
+def claim_verdict(verdicts: list[str]) -> str:
+    if verdicts and all(v == "holds" for v in verdicts):
+        return "holds"
+    return "does not hold" if "does not hold" in verdicts else "inconclusive"
+
+
+def evaluate_claims(arms: dict[str, Arm]) -> pd.DataFrame:
+    """One row per comparison (and per cost measure), with its claim's verdict."""
+    rows = []
+    for claim in CLAIMS:
+        lines = []
+        for c in claim.comparisons:
+            if c.a not in arms or c.b not in arms:
+                lines.append({"comparison": f"{c.a} vs {c.b}: {c.metric}", "verdict": "no run"})
+                continue
+            if arms[c.a].prompts != arms[c.b].prompts:
+                raise ValueError(f"arms {c.a} and {c.b} answered different test prompts: not comparable")
+            va, vb = arms[c.a].per_prompt[c.metric], arms[c.b].per_prompt[c.metric]
+            diff, lo, hi = paired_interval(va, vb)
+            lines.append({"comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}", "a": va.mean(),
+                          "b": vb.mean(), "difference": diff, "ci_low": lo, "ci_high": hi,
+                          "verdict": comparison_verdict(c.direction, lo, hi)})
+        if claim.cost:
+            cheap, dear = claim.cost
+            for measure in ("seconds", "peak_rss_mib"):
+                a = getattr(arms[cheap], measure) if cheap in arms else None
+                b = getattr(arms[dear], measure) if dear in arms else None
+                if a is None or b is None:
+                    lines.append({"comparison": f"{measure}: {cheap} < {dear}", "verdict": "no run"})
+                    continue
+                lines.append({"comparison": f"{measure}: {cheap} < {dear}", "a": a, "b": b, "difference": a - b,
+                              "ratio": a / b, "verdict": "holds" if a < b else "does not hold"})
+        verdict = claim_verdict([line["verdict"] for line in lines])
+        rows += [{"claim": claim.statement, "source": claim.source, "claim_verdict": verdict, **line}
+                 for line in lines]
+    return pd.DataFrame(rows)
+
+
+def _symbol(direction: str) -> str:
+    return {"higher": ">", "lower": "<", "not_lower": ">~"}[direction]
+
+
+def arm_table(arms: dict[str, Arm]) -> pd.DataFrame:
+    return pd.DataFrame([{"arm": a.name, "reward": a.per_prompt["reward"].mean(), "ppl": a.per_prompt["ppl"].mean(),
+                          "prompts": len(a.prompts), "train_seconds": a.seconds, "peak_rss_mib": a.peak_rss_mib}
+                         for a in arms.values()])
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def markdown(claims: pd.DataFrame, arms: pd.DataFrame) -> str:
+    out = ["# Findings: the paper's claims on the embedded default", "",
+           "| Claim | Source | Comparison | A | B | A - B [95% CI] | Comparison verdict | Claim verdict |",
+           "|---|---|---|---|---|---|---|---|"]
+    for _, r in claims.iterrows():
+        if "ratio" in r and not pd.isna(r.get("ratio")):
+            delta = f"ratio {r['ratio']:.2f}"
+        elif pd.isna(r.get("difference")):
+            delta = "-"
+        else:
+            delta = f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        out.append(f"| {r['claim']} | {r['source']} | {r['comparison']} | {_fmt(r.get('a'))} | {_fmt(r.get('b'))} "
+                   f"| {delta} | {r['verdict']} | **{r['claim_verdict']}** |")
+    out += ["", "| Arm | Reward | PPL (paper mode) | Test prompts | Training wall s | Peak RSS MiB |",
+            "|---|---|---|---|---|---|"]
+    for _, r in arms.iterrows():
+        out.append(f"| {r['arm']} | {_fmt(r['reward'])} | {_fmt(r['ppl'], 2)} | {r['prompts']} "
+                   f"| {_fmt(r['train_seconds'], 1)} | {_fmt(r['peak_rss_mib'], 0)} |")
+    return "\n".join(out) + "\n"
+
+
+def write_findings(results: Path, out: Path) -> list[Path]:
+    """Evaluate every claim on the arms under `results`; write findings.md, findings.csv and findings.tex."""
+    arms = load_arms(results)
+    if not arms:
+        raise FileNotFoundError(f"{results}: no finished run of experiment=findings")
+    claims, table = evaluate_claims(arms), arm_table(arms)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"findings.md": markdown(claims, table), "findings.csv": claims.to_csv(index=False),
+             "findings_arms.csv": table.to_csv(index=False),
+             "findings.tex": claims.astype(object).where(claims.notna(), "").to_latex(
+                 index=False, escape=True, float_format="%.3f", caption="The paper's claims on the embedded default.",
+                 label="tab:findings")}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    log.info("findings: %d arms, %d claims -> %s", len(arms), len(CLAIMS), out / "findings.md")
+    return [out / name for name in files]
+
+
+class FindingsCallback(Callback):
+    """Write the findings table when experiment=findings' sweep ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        write_findings(Path(config.hydra.sweep.dir), Path(config.paths.tables))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="the sweep folder of experiment=findings")
+    parser.add_argument("--out", type=Path, default=Path("paper_tables"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for path in write_findings(args.results, args.out):
+        print(path)
+    print((args.out / "findings.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""experiment=findings: paired intervals, verdict rules, and the table written from a sweep's folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from rrhf.findings import CLAIMS, claim_verdict, comparison_verdict, load_arms, paired_interval, write_findings
+
+
+def test_paired_interval_brackets_the_mean_difference_and_is_paired() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=200) * 5  # large prompt-to-prompt spread, shared by both arms
+    a, b = base + 0.3, base.copy()
+    diff, lo, hi = paired_interval(a, b)
+    assert diff == pytest.approx(0.3)
+    assert lo == pytest.approx(0.3) and hi == pytest.approx(0.3)  # a constant paired difference: no spread
+    noisy = b + rng.normal(size=200)
+    diff, lo, hi = paired_interval(noisy, b)
+    assert lo < diff < hi and lo < 0 < hi  # pure noise: 0 inside
+
+
+@pytest.mark.parametrize(("direction", "lo", "hi", "expected"), [
+    ("higher", 0.1, 0.5, "holds"), ("higher", -0.1, 0.5, "inconclusive"), ("higher", -0.5, -0.1, "does not hold"),
+    ("lower", -0.5, -0.1, "holds"), ("lower", 0.1, 0.5, "does not hold"), ("lower", -0.1, 0.1, "inconclusive"),
+    ("not_lower", -0.2, 0.1, "holds"), ("not_lower", -0.5, -0.1, "does not hold")])
+def test_comparison_verdicts(direction: str, lo: float, hi: float, expected: str) -> None:
+    assert comparison_verdict(direction, lo, hi) == expected
+
+
+def test_claim_verdict_needs_every_comparison() -> None:
+    assert claim_verdict(["holds", "holds"]) == "holds"
+    assert claim_verdict(["holds", "inconclusive"]) == "inconclusive"
+    assert claim_verdict(["holds", "does not hold", "inconclusive"]) == "does not hold"
+    assert claim_verdict(["no run"]) == "inconclusive"
+
+
+def _fake_arm(results: Path, name: str, rewards: list[float], ppl: list[float], cost: dict | None) -> None:
+    run = results / f"findings={name}"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      findings: {name}\n")
+    artifact = results.parent / "artifacts" / name
+    artifact.mkdir(parents=True)
+    with open(artifact / "responses.jsonl", "w") as handle:
+        for i, (r, p) in enumerate(zip(rewards, ppl)):
+            handle.write(json.dumps({"prompt": f"p{i}", "response": "x", "reward": r, "ppl_paper": p}) + "\n")
+    (run / "metrics.json").write_text(json.dumps({"final": {"artifact": str(artifact)}}))
+    (run / "timing.json").write_text(json.dumps({"wall_seconds": 1.0, "stages": {"train_1": cost} if cost else {}}))
+
+
+def test_findings_table_from_a_sweep_folder(tmp_path: Path) -> None:
+    results = tmp_path / "results" / "findings"
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=40)
+    ppl = 10 + rng.random(40)
+    _fake_arm(results, "initial", list(base), list(ppl), None)
+    _fake_arm(results, "rrhf_dp", list(base + 1.0), list(ppl), {"seconds": 100.0, "peak_rss_mib": 3000.0})
+    _fake_arm(results, "no_rank", list(base + 1.0 + rng.normal(size=40)), list(ppl), {"seconds": 90.0,
+                                                                                       "peak_rss_mib": 3000.0})
+    _fake_arm(results, "ppo", list(base + 2.0), list(ppl), {"seconds": 400.0, "peak_rss_mib": 5000.0})
+    files = write_findings(results, tmp_path / "tables")
+    assert {f.name for f in files} >= {"findings.md", "findings.csv", "findings.tex"}
+    import pandas as pd
+
+    claims = pd.read_csv(tmp_path / "tables" / "findings.csv")
+    verdict = dict(zip(claims["comparison"], claims["verdict"]))
+    assert verdict["reward: rrhf_dp > initial"] == "holds"
+    assert verdict["reward: no_rank < rrhf_dp"] == "inconclusive"  # noise around the same mean
+    assert verdict["reward: rrhf_dp >~ ppo"] == "does not hold"  # PPO is better by 1.0 on every prompt
+    assert verdict["seconds: rrhf_dp < ppo"] == "holds"
+    assert claims.loc[claims["comparison"] == "seconds: rrhf_dp < ppo", "ratio"].item() == pytest.approx(0.25)
+    assert (claims["verdict"] == "no run").sum() > 0  # ip2, op, op_kl, best_of_4 did not run
+    assert len(claims["claim"].unique()) == len(CLAIMS)
+    text = (tmp_path / "tables" / "findings.md").read_text()
+    assert "RRHF (DP) raises the reward over the initial policy" in text and "**holds**" in text
+
+
+def test_findings_sweep_runs_every_arm_through_run_py_on_the_tiny_model(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "run.py", "experiment=findings", "model=tiny", "eval.judge=embedded:tiny",
+           "task.train_size=8", "task.test_size=4", "task.max_new_tokens=8", "sampling.batch_size=4",
+           "trainer.args.max_steps=3", "trainer.args.save_steps=2", "trainer.args.report_to=[]",
+           "findings_scale.op_refresh_steps=1", "findings_scale.ppo_iterations=2",
+           f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
+           f"paths.tables={tmp_path}/tables"]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = {OmegaConf.load(h).hydra.runtime.choices.findings: h.parent.parent
+            for h in (tmp_path / "results" / "findings").rglob(".hydra/hydra.yaml")}
+    assert set(runs) == {"initial", "rrhf_dp", "no_rank", "ip2", "op", "op_kl", "best_of_4", "ppo"}
+    assert all((folder / "metrics.json").exists() for folder in runs.values())
+    op = json.loads((runs["op_kl"] / "metrics.json").read_text())
+    assert [r["step"] for r in op["iterations"][0]["refreshes"]] == [1, 2]
+    assert json.loads((runs["ip2"] / "metrics.json").read_text())["iterations"][1]["trained"]
+    ppo = json.loads((runs["ppo"] / "metrics.json").read_text())
+    assert len(json.loads(Path(ppo["train_log"]).read_text())) == 2  # two PPO rounds
+    arms = load_arms(tmp_path / "results" / "findings")
+    for arm in ("rrhf_dp", "ppo", "op_kl"):  # the cost of producing each trained policy is recorded
+        assert arms[arm].seconds > 0 and arms[arm].peak_rss_mib > 100
+    assert arms["initial"].seconds is None  # nothing trained
+    claims = pd.read_csv(tmp_path / "tables" / "findings.csv")
+    assert len(claims["claim"].unique()) == len(CLAIMS) and "no run" not in set(claims["verdict"])
+    assert set(claims["claim_verdict"]) <= {"holds", "does not hold", "inconclusive"}
+    assert (tmp_path / "tables" / "table2.tex").exists()  # the ordinary collation runs too
+
+
+@pytest.mark.skipif(__import__("shutil").which("pdflatex") is None, reason="pdflatex not installed")
+def test_findings_tex_compiles(tmp_path: Path) -> None:
+    import subprocess
+
+    results = tmp_path / "results" / "findings"
+    _fake_arm(results, "initial", [0.1, 0.2, 0.3], [10.0, 11.0, 12.0], None)
+    _fake_arm(results, "rrhf_dp", [0.4, 0.5, 0.6], [10.0, 11.0, 12.0], {"seconds": 1.0, "peak_rss_mib": 500.0})
+    write_findings(results, tmp_path / "tables")
+    document = tmp_path / "doc.tex"
+    document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                        f"\\input{{{tmp_path / 'tables' / 'findings.tex'}}}\n\\end{{document}}\n")
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
