@@ -72,6 +72,7 @@ def test_findings_table_from_a_sweep_folder(tmp_path: Path) -> None:
     assert verdict["reward: no_rank < rrhf_dp"] == "inconclusive"  # noise around the same mean
     assert verdict["reward: rrhf_dp >~ ppo"] == "does not hold"  # PPO is better by 1.0 on every prompt
     assert verdict["seconds: rrhf_dp < ppo"] == "holds"
+    assert not any(c.startswith("peak_rss") for c in verdict)  # memory: benchmarks/rrhf_vs_ppo.py
     assert claims.loc[claims["comparison"] == "seconds: rrhf_dp < ppo", "ratio"].item() == pytest.approx(0.25)
     assert (claims["verdict"] == "no run").sum() > 0  # ip2, op, op_kl, best_of_4 did not run
     assert len(claims["claim"].unique()) == len(CLAIMS)

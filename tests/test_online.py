@@ -115,12 +115,13 @@ def test_each_step_trains_on_the_candidates_of_the_latest_refresh(tiny: str, tmp
         assert sorted(map(tuple, batch)) == sorted(map(tuple, refreshed))
 
 
-def _run(tmp: Path, *overrides: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+def _run(tmp: Path, *overrides: str, crash_at: str | None = None,
+         sampling: str = "OP-32+KL") -> subprocess.CompletedProcess:
     env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("RRHF_CRASH_AT", None)
     if crash_at:
         env["RRHF_CRASH_AT"] = crash_at
-    cmd = [sys.executable, "run.py", "experiment=smoke", "sampling=OP-32+KL", "sampling.refresh_steps=2",
+    cmd = [sys.executable, "run.py", "experiment=smoke", f"sampling={sampling}", "sampling.refresh_steps=2",
            "trainer.args.max_steps=4", "trainer.args.save_steps=3", f"paths.artifacts={tmp}/artifacts",
            f"paths.results={tmp}/results", f"paths.tables={tmp}/tables", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -150,3 +151,14 @@ def test_op_run_killed_after_a_checkpoint_resumes_to_the_same_metrics(tmp_path: 
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=1e-6)
+
+
+def test_table10_op_setting_refreshes_its_top_k_candidates(tmp_path: Path) -> None:
+    done = _run(tmp_path, "sampling.refresh_steps=1", "sampling.max_prompt_tokens=32", sampling="imdb_OP-128+KL")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads(next((tmp_path / "results").rglob("metrics.json")).read_text())
+    assert [r["step"] for r in metrics["iterations"][0]["refreshes"]] == [1, 2, 3]
+    kept = next((tmp_path / "artifacts" / "train").glob("*/online/step-3.jsonl")).read_text().splitlines()
+    assert all(len(json.loads(line)["responses"]) == 5 for line in kept)  # 4 top-k samples + the continuation
+    table = (tmp_path / "tables" / "table10.csv").read_text()
+    assert "rrhf-OP-128-kl_0.1" in table

@@ -66,7 +66,9 @@ def measured(work: Path) -> Iterator[None]:
     """
     import psutil
 
-    process, peak, stop = psutil.Process(), [0], threading.Event()
+    process, stop = psutil.Process(), threading.Event()
+    start_rss = process.memory_info().rss
+    peak = [start_rss]
 
     def poll() -> None:
         while not stop.is_set():
@@ -84,7 +86,9 @@ def measured(work: Path) -> Iterator[None]:
     finally:
         stop.set()
         watcher.join()
-    cost = {"seconds": round(time.time() - started, 2), "peak_rss_mib": round(peak[0] / 2**20, 1)}
+    # The process may hold memory from earlier runs of a sweep: rss_at_start_mib tells how much.
+    cost = {"seconds": round(time.time() - started, 2), "peak_rss_mib": round(peak[0] / 2**20, 1),
+            "rss_at_start_mib": round(start_rss / 2**20, 1)}
     if cuda:
         cost["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     write_json_atomic(work / "cost.json", cost)

@@ -60,7 +60,9 @@ def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None
 
 
 def generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
-    batch = left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens)
+    """`cfg.num_candidates` responses to each prompt by the setting's generator (OP-k calls it mid-training)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens).items()}
     check_context(model, batch["input_ids"].shape[1], cfg.max_new_tokens,
                   "sampling.max_prompt_tokens + sampling.max_new_tokens")
     common = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
