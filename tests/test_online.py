@@ -64,8 +64,8 @@ def test_refresh_resamples_keeps_dataset_responses_and_applies_the_kl_term(tiny:
     reference = AutoModelForCausalLM.from_pretrained(tiny).eval()
     start = [{"query": r["prompt"], "responses": ["x", "y"], "scores": [0.0, 1.0]} for r in ROWS]
     beta = 0.5
-    online = OnlineCandidates(start, ROWS, SAMPLING, LengthScorer(), tokenizer, refresh_steps=3, kl_coef=beta,
-                              reference=reference, log_dir=tmp_path / "online")
+    online = OnlineCandidates(start, ROWS, SAMPLING, LengthScorer(), RRHFCollator(tokenizer), refresh_steps=3,
+                              kl_coef=beta, reference=reference, log_dir=tmp_path / "online")
     assert not online.due(0) and not online.due(2) and online.due(3) and online.due(6)
     online.refresh(policy, 3)
 

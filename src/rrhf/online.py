@@ -25,13 +25,16 @@ from typing import Any
 import torch
 
 from rrhf.artifacts import world_size, write_json_atomic
-from rrhf.collator import RRHFCollator, tokenize_example
+from rrhf.collator import RRHFCollator
 from rrhf.evaluation import eval_mode, sample_statistics
 from rrhf.logprobs import group_logprob_sums
-from rrhf.sampling import generate_batch
+from rrhf.reward import score_groups
+from rrhf.sampling import generate_batch, with_dataset_responses
 from rrhf.trainer import RRHFTrainer
 
 log = logging.getLogger(__name__)
+
+_LOG_RATIO_BATCH = 4  # groups per forward when the KL term's log-ratios are taken
 
 @dataclass
 class OnlineSettings:
@@ -45,22 +48,21 @@ class OnlineSettings:
     kl_coef: float = 0.0
     seed: int = 0
 
-    def candidates(self, records: list[dict[str, Any]], tokenizer: Any, model: torch.nn.Module, args: Any,
+    def candidates(self, records: list[dict[str, Any]], collator: RRHFCollator, model: torch.nn.Module,
                    log_dir: Path) -> OnlineCandidates:
         # rho is the model as loaded, before any training step (a resumed run loads checkpoint weights later).
         reference = copy.deepcopy(model).eval().requires_grad_(False) if self.kl_coef else None
-        return OnlineCandidates(records, self.rows, self.sampling, self.scorer, tokenizer,
+        return OnlineCandidates(records, self.rows, self.sampling, self.scorer, collator,
                                 refresh_steps=self.refresh_steps, kl_coef=self.kl_coef, reference=reference,
-                                semantics=args.semantics, model_max_length=args.model_max_length, seed=self.seed,
-                                log_dir=log_dir)
+                                seed=self.seed, log_dir=log_dir)
 
 
 class OnlineCandidates:
     """The training groups of an OP-k run, re-sampled and re-scored in place by `refresh`."""
 
     def __init__(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], sampling: Any, scorer: Any,
-                 tokenizer: Any, *, refresh_steps: int, kl_coef: float = 0.0, reference: torch.nn.Module | None = None,
-                 semantics: str = "paper", model_max_length: int = 192, seed: int = 0, log_dir: Path) -> None:
+                 collator: RRHFCollator, *, refresh_steps: int, kl_coef: float = 0.0,
+                 reference: torch.nn.Module | None = None, seed: int = 0, log_dir: Path) -> None:
         if refresh_steps < 1:
             raise ValueError(f"sampling.refresh_steps must be at least 1, got {refresh_steps}")
         if kl_coef and reference is None:
@@ -68,11 +70,10 @@ class OnlineCandidates:
         if len(records) != len(rows):
             raise ValueError(f"{len(records)} training groups for {len(rows)} prompts")
         self.records, self.rows, self.sampling, self.scorer = records, rows, sampling, scorer
-        self.tokenizer, self.reference = tokenizer, reference
+        # The trainer's collator: log-ratios are taken over the tokens exactly as they are trained.
+        self.collator, self.tokenizer, self.reference = collator, collator.tokenizer, reference
         self.refresh_steps, self.kl_coef, self.seed = refresh_steps, kl_coef, seed
-        self.semantics, self.model_max_length = semantics, model_max_length
         self.log_dir = Path(log_dir)
-        self.dataset_fields = [f for f in sampling.dataset_responses]
 
     def due(self, step: int) -> bool:
         return step > 0 and step % self.refresh_steps == 0
@@ -88,13 +89,9 @@ class OnlineCandidates:
             for start in range(0, len(prompts), s.batch_size):
                 sampled += generate_batch(model, self.tokenizer, prompts[start:start + s.batch_size], s,
                                           seed=self.seed + step + start)
-        groups = [responses + [row[f] for f in self.dataset_fields if row.get(f) is not None]
+        groups = [with_dataset_responses(responses, row, s.dataset_responses)
                   for responses, row in zip(sampled, self.rows)]
-        flat = self.scorer.score([p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
-        rewards, at = [], 0
-        for g in groups:
-            rewards.append(flat[at:at + len(g)])
-            at += len(g)
+        rewards = score_groups(self.scorer, prompts, groups)
         kls = self._log_ratios(model, prompts, groups) if self.kl_coef else [[0.0] * len(g) for g in groups]
         self.records = [{"query": p, "responses": g, "scores": [r - self.kl_coef * k for r, k in zip(rs, ks)]}
                         for p, g, rs, ks in zip(prompts, groups, rewards, kls)]
@@ -118,13 +115,14 @@ class OnlineCandidates:
         out = []
         self.reference.to(next(model.parameters()).device)
         with eval_mode(model), torch.no_grad():
-            for prompt, responses in zip(prompts, groups):
-                t = tokenize_example({"query": prompt, "responses": responses, "scores": [0.0] * len(responses)},
-                                     self.tokenizer, semantics=self.semantics, model_max_length=self.model_max_length)
-                group = [(torch.tensor(t["query_ids"]), [torch.tensor(r) for r in t["responses_ids"]])]
-                pi, _ = group_logprob_sums(model, group)
-                rho, _ = group_logprob_sums(self.reference, group)
-                out.append((pi - rho)[0].tolist())
+            for start in range(0, len(prompts), _LOG_RATIO_BATCH):
+                batch = self.collator([{"query": p, "responses": g, "scores": [0.0] * len(g)}
+                                       for p, g in zip(prompts[start:start + _LOG_RATIO_BATCH],
+                                                       groups[start:start + _LOG_RATIO_BATCH])])
+                pi, _ = group_logprob_sums(model, batch["groups"])
+                rho, _ = group_logprob_sums(self.reference, batch["groups"])
+                for row, (_, responses) in zip((pi - rho).tolist(), batch["groups"]):
+                    out.append(row[:len(responses)])
         return out
 
     def resume_at(self, step: int) -> None:

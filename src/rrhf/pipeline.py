@@ -138,27 +138,19 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
 
     def build(work: Path) -> None:
         from rrhf.evaluation import sample_statistics
-        from rrhf.reward import build_scorer
-        from rrhf.sampling import read_candidates
+        from rrhf.reward import build_scorer, score_groups
+        from rrhf.sampling import read_candidates, with_dataset_responses
 
         rows = _prompts(cfg, "train")
         generated = read_candidates(sampled / "candidates.jsonl") if sampled else {}
-        groups = []
-        for i, row in enumerate(rows):
-            responses = list(generated.get(i, []))
-            responses += [row[field] for field in s.dataset_responses if row.get(field) is not None]
-            groups.append((row["prompt"], responses, len(generated.get(i, []))))
+        groups = [with_dataset_responses(generated.get(i, []), row, s.dataset_responses) for i, row in enumerate(rows)]
         with measured(work):
-            scorer = build_scorer(cfg.reward)
-            flat_prompts = [p for p, rs, _ in groups for _ in rs]
-            flat_responses = [r for _, rs, _ in groups for r in rs]
-            flat_scores = iter(scorer.score(flat_prompts, flat_responses))
+            all_scores = score_groups(build_scorer(cfg.reward), [r["prompt"] for r in rows], groups)
         with open(work / "train.jsonl", "w") as handle:
             scored = []
-            for prompt, responses, n_sampled in groups:
-                scores = [next(flat_scores) for _ in responses]
-                scored.append((scores, n_sampled))
-                handle.write(json.dumps({"query": prompt, "responses": responses, "scores": scores}) + "\n")
+            for i, (row, responses, scores) in enumerate(zip(rows, groups, all_scores)):
+                scored.append((scores, len(generated.get(i, []))))
+                handle.write(json.dumps({"query": row["prompt"], "responses": responses, "scores": scores}) + "\n")
             handle.flush()
             crash_point("score")
         stats = {"all": sample_statistics([sc for sc, _ in scored])}

@@ -201,6 +201,7 @@ def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: 
 
     Rows are prompt + response, right-padded, so positions count from 0 as they did in generation. The
     prediction of response token i sits at position len(prompt) - 1 + i; values are read there too.
+    (Not rrhf.logprobs: PPO needs the value head's reading of the same forward's hidden states.)
     """
     device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in rows]

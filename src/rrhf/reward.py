@@ -155,6 +155,16 @@ class SequenceClassifierScorer:
                                   sort=self.sort_by_length)
 
 
+def score_groups(scorer: Scorer, prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Scores of every prompt's group of responses, from one scorer call over all of them."""
+    flat = scorer.score([p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
+    out, at = [], 0
+    for g in groups:
+        out.append(list(flat[at:at + len(g)]))
+        at += len(g)
+    return out
+
+
 def build_scorer(cfg: Any) -> Scorer:
     """The scorer a `reward` config names."""
     if cfg.name == "vader":

@@ -89,6 +89,11 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) ->
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+def with_dataset_responses(sampled: list[str], row: dict[str, Any], fields: Any) -> list[str]:
+    """A prompt's training group: its sampled candidates, then the data set's responses named in `fields`."""
+    return list(sampled) + [row[f] for f in fields if row.get(f) is not None]
+
+
 def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file: Path, *, seed: int) -> None:
     """Append {"index", "responses"} lines to out_file for every prompt not already in it.
 

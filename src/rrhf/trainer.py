@@ -176,7 +176,7 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
         else:
             from rrhf.online import OnlineRRHFTrainer
 
-            candidates = online.candidates(records, tokenizer, model, args, output_dir / "online")
+            candidates = online.candidates(records, collator, model, output_dir / "online")
             if resume is not None:
                 candidates.resume_at(int(Path(resume).name.split("-")[-1]))
             trainer = OnlineRRHFTrainer(model=model, args=args, candidates=candidates, collator=collator,
