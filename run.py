@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
         raise
     failed.unlink(missing_ok=True)
     if cfg.collate and hydra_cfg.mode.name == "RUN" and rank() == 0:
-        from rrhf.collate import collate
+        from rrhf.tables import collate
 
         collate(Path(cfg.paths.results), Path(cfg.paths.tables))
 

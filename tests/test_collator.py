@@ -9,7 +9,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from rrhf.collator import RRHFCollator, dense_ranks, read_training_file, tokenize_example
+from rrhf.collator import RRHFCollator, dense_ranks, tokenize_example
+from rrhf.data import read_training_file
 from rrhf.loss import rrhf_loss
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]

@@ -81,3 +81,17 @@ def test_run_folder_names_stay_below_the_file_name_limit() -> None:
     name = dirname_safe(long)
     assert len(name.encode()) <= 200 and name.startswith(long[:100])
     assert dirname_safe(long + "x") != name  # distinct overrides keep distinct folders
+
+
+def test_composed_configs_are_the_recorded_ones() -> None:
+    """Every composed config resolves to the values recorded in tests/fixtures/composed_configs.json, so a
+    config refactor moves no value and no cache key; a deliberate change rewrites the file (see its script)."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(CONF.parent / "tests" / "fixtures"))
+    from composed_configs import OUT, snapshot
+
+    recorded, now = json.loads(OUT.read_text()), snapshot()
+    changed = sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+    assert not changed, f"composed configs changed: {changed}; rewrite with python tests/fixtures/composed_configs.py"

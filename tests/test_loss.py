@@ -1,4 +1,4 @@
-"""rrhf_loss against a loop-by-loop reference written from the formulas (FACTS sections 1 and 2)."""
+"""rrhf_loss against a loop-by-loop reference written from the formulas (paper-notes sections 1 and 2)."""
 
 from __future__ import annotations
 

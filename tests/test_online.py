@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rrhf.assets import resolve_model
 from rrhf.collator import RRHFCollator, tokenize_example
+from rrhf.generation import generate_batch
 from rrhf.online import OnlineCandidates, OnlineSettings
-from rrhf.sampling import generate_batch
-from rrhf.trainer import RRHFArguments, train
+from rrhf.trainer import RRHFArguments
+from rrhf.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": "the movie was", "chosen": "very good fun", "rejected": "dull and bad"},

@@ -70,7 +70,7 @@ def test_sweep_with_a_failing_job_finishes_the_others_and_lists_the_gap(tmp_path
     assert list((tmp_path / "results" / "gap").glob("*sampling=DP*/metrics.json"))  # ...after the others ran
     failed = next((tmp_path / "results" / "gap").glob("*sampling=file*/FAILED")).read_text()
     assert "bad.jsonl:1" in failed and "2 responses but 1 scores" in failed
-    collate = subprocess.run([sys.executable, "-m", "rrhf.collate", str(tmp_path / "results"), "--out",
+    collate = subprocess.run([sys.executable, "-m", "rrhf.tables", str(tmp_path / "results"), "--out",
                               str(tmp_path / "tables")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert collate.returncode == 0, collate.stderr
     report = (tmp_path / "tables" / "missing.txt").read_text()

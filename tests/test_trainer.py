@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from profiles import trainer_profile
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
 
-from rrhf.collator import RRHFCollator, read_training_file
+from rrhf.collator import RRHFCollator
+from rrhf.data import read_training_file
 from rrhf.logprobs import group_logprob_sums
 from rrhf.loss import rrhf_loss
-from rrhf.trainer import RRHFArguments, RRHFTrainer, last_checkpoint, train
+from rrhf.trainer import RRHFArguments, RRHFTrainer
+from rrhf.training import last_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -59,8 +61,7 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
 
 def cpu_args(output_dir: Path, **overrides) -> RRHFArguments:
     """The cpu profile as the pipeline builds it, with overrides for a tiny fast run."""
-    profile = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "trainer" / "cpu.yaml"))
-    kwargs = {**profile["args"], "report_to": "none", "disable_tqdm": True, **overrides}
+    kwargs = {**trainer_profile("cpu")["args"], "report_to": "none", "disable_tqdm": True, **overrides}
     return RRHFArguments(output_dir=str(output_dir / "checkpoints"), seed=0, **kwargs)
 
 
@@ -151,9 +152,9 @@ def test_layouts_give_the_same_loss_and_gradients(assets, tmp_path, semantics):
         torch.testing.assert_close(grads_s[name], grads_c[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("name", ["cpu", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("name", ["cpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_profiles_are_valid_arguments(name, tmp_path):
-    profile = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "trainer" / f"{name}.yaml"))
+    profile = trainer_profile(name)
     assert profile["name"] == name and set(profile) == {"name", "args"}
     args = dict(profile["args"])
     if name != "cpu":  # GPU profiles: bf16 / tf32 cannot be checked on a CPU-only machine
@@ -191,10 +192,9 @@ def test_deepspeed_zero2_single_cpu_process_matches_plain_training(assets, tmp_p
 
     script = textwrap.dedent(f"""
         import json, sys
-        from omegaconf import OmegaConf
-        from rrhf.trainer import RRHFArguments, train
-        profile = OmegaConf.to_container(OmegaConf.load({str(ROOT / "conf/trainer/deepspeed_zero2.yaml")!r}))
-        args = {{**profile["args"], "tf32": False, "report_to": "none", "disable_tqdm": True,
+        from rrhf.trainer import RRHFArguments
+        from rrhf.training import train
+        args = {{**json.loads(sys.argv[2]), "tf32": False, "report_to": "none", "disable_tqdm": True,
                 **json.loads(sys.argv[1])}}
         out = {str(tmp_path / "ds")!r}
         train({str(model_dir)!r}, {str(train_file)!r}, out,
@@ -202,8 +202,9 @@ def test_deepspeed_zero2_single_cpu_process_matches_plain_training(assets, tmp_p
     """)
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "WANDB_MODE": "disabled"}
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(options)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
+    profile = trainer_profile("deepspeed_zero2")["args"]
+    done = subprocess.run([sys.executable, "-c", script, json.dumps(options), json.dumps(profile)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(plain / "model.safetensors"), load_file(tmp_path / "ds" / "model" / "model.safetensors")
     for name in a:

@@ -1,8 +1,12 @@
 """RRHF: Rank Responses to align language models with Human Feedback (Yuan et al., NeurIPS 2023)."""
 
 import hashlib
+from pathlib import Path
 
 from omegaconf import OmegaConf
+
+# The repository: configs, the shipped offline data and the paper's reference numbers live under it.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def dirname_safe(text: object) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rrhf import PROJECT_ROOT
 from rrhf.artifacts import atomic_dir
 
 # Special names a `model.path` may take; any other value is a local folder or a Hub name.
@@ -121,7 +122,7 @@ def build_tiny_model(out: Path) -> None:
 
 def default_data_dir() -> Path:
     """The offline data set shipped in the repository (data/imdb_offline)."""
-    return Path(__file__).resolve().parents[2] / "data" / "imdb_offline"
+    return PROJECT_ROOT / "data" / "imdb_offline"
 
 
 def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -1,7 +1,4 @@
-"""The RRHF training file, its tokenisation (paper or official rules) and the batch collator.
-
-Training file (the authors' format): one JSON object a line, {"query": str, "responses": [str, ...],
-"scores": [float, ...]}.
+"""Tokenisation of a training example (paper or official rules) and the RRHF batch collator.
 
 Tokenisation, semantics="official" (what the authors' code does): the query is tokenized alone with the
 tokenizer's defaults (a LLaMA tokenizer adds BOS) and cut to its first model_max_length tokens; each
@@ -20,56 +17,12 @@ in the authors' layout, the denominator of the official loss.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from rrhf.data import read_jsonl
-
-SEMANTICS = ("paper", "official")
-
-
-def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) -> list[dict[str, Any]]:
-    """Read a training file, checking every line; errors (ValueError) name the file and line number.
-
-    An empty response string is legal where a policy wrote it (it answered with EOS at once: that
-    candidate scores its EOS alone); for a file a user brings, allow_empty_responses=False refuses it.
-    """
-
-    def check(row: Any, where: str) -> None:
-        _check_example(row, where)
-        empty = [i for i, r in enumerate(row["responses"]) if not r.strip()]
-        if empty and not allow_empty_responses:
-            raise ValueError(f"{where}: empty response at position {empty[0]}")
-
-    return [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]]}
-            for row in read_jsonl(path, check)]
-
-
-def _check_example(row: Any, where: str) -> None:
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    for field in ("query", "responses", "scores"):
-        if field not in row:
-            raise ValueError(f"{where}: missing field {field!r}")
-    if not isinstance(row["query"], str):
-        raise ValueError(f"{where}: 'query' must be a string")
-    responses, scores = row["responses"], row["scores"]
-    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
-        raise ValueError(f"{where}: 'responses' must be a list of strings")
-    # bool is an int subclass in Python; a true/false score is a data error, not a number.
-    if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
-                                               for s in scores):
-        raise ValueError(f"{where}: 'scores' must be a list of numbers")
-    if not responses:
-        raise ValueError(f"{where}: empty 'responses' list")
-    if len(responses) != len(scores):
-        raise ValueError(f"{where}: {len(responses)} responses but {len(scores)} scores")
-    if not all(math.isfinite(s) for s in scores):
-        raise ValueError(f"{where}: scores must be finite, got {scores}")
+from rrhf.loss import SEMANTICS
 
 
 def tokenize_example(example: dict[str, Any], tokenizer, *, semantics: str = "paper",

@@ -1,21 +1,28 @@
-"""Evaluation of a policy as in the paper's Tables 2, 5, 6 and 7 (FACTS sections 5 and 6).
+"""Evaluation of a policy as in the paper's Tables 2, 5, 6 and 7 (paper-notes sections 5 and 6).
 
-Greedy responses to the test prompts, the stop cut applied before scoring, perplexity of a response
-under a judge model (the authors' metric script, `paper`, and a corrected one, `exact`), the
-preference accuracy of Table 5 and the sample statistics of Table 6.
+Greedy and best-of-n responses to the test prompts (the stop cut is applied before scoring), perplexity
+of a response under a judge model (the authors' metric script, `paper`, and a corrected one, `exact`) and
+the policy's own scores of the test pairs (Table 5).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:", "\n\nhuman:", "\n\nassistant:")
+from rrhf.generation import (
+    decode_new,
+    eval_mode,
+    left_padded,
+    left_truncated_batch,
+    pad_id,
+    prompt_ids,
+    sample,
+    stop_cut,
+)
 
 # The authors' metric script (the old `datasets` perplexity metric) truncated every text to
 # model.config.max_length - 1 tokens to leave room for the prepended BOS. For gpt2-medium
@@ -23,27 +30,6 @@ STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:", "\n\nhuman:", "\n\nassistant:")
 PAPER_MAX_TEXT_TOKENS = 19
 
 PPL_MODES = ("paper", "exact")
-
-
-def stop_cut(text: str) -> str:
-    """Cut `text` at the first occurrence of any stop string (a new dialogue turn), then strip it."""
-    cut = len(text)
-    for stop in STOP_STRINGS:
-        at = text.find(stop)
-        if at != -1:
-            cut = min(cut, at)
-    return text[:cut].strip()
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    # Dropout must be off for a deterministic metric; the caller's training state comes back afterwards.
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def greedy_responses(
@@ -60,23 +46,21 @@ def greedy_responses(
     Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
     sorted by length so that little padding is wasted. No stop cut is applied here (see `stop_cut`).
     """
-    from rrhf.sampling import left_padded, prompt_ids
-
     encoded = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     results: list[str] = [""] * len(prompts)
     device = model.device
     with eval_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="greedy", unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = left_padded([encoded[i] for i in chunk], pad_id)
+            batch = left_padded([encoded[i] for i in chunk], pad)
             width = batch["input_ids"].shape[1]
             out = model.generate(input_ids=batch["input_ids"].to(device),
                                  attention_mask=batch["attention_mask"].to(device),
                                  do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_id)
-            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+                                 pad_token_id=pad)
+            texts = decode_new(tokenizer, out, width)
             for i, text in zip(chunk, texts, strict=True):
                 results[i] = text
             bar.update(len(chunk))
@@ -138,40 +122,17 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
     return results
 
 
-def preference_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float:
-    """Share of pairs whose chosen score is strictly above the rejected one (ties count as wrong): Table 5."""
-    if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
-        raise ValueError("preference_accuracy needs two non-empty score lists of equal length")
-    chosen, rejected = np.asarray(chosen_scores, dtype=float), np.asarray(rejected_scores, dtype=float)
-    return float(np.mean(chosen > rejected))
-
-
-def sample_statistics(groups_of_scores: Sequence[Sequence[float]]) -> dict[str, float]:
-    """Table 6's Mean / Std. / Max of the reward scores of a policy's training samples.
-
-    mean: over all scores; std: their population standard deviation (numpy's default ddof=0; the paper
-    does not say which); max: the mean over groups (queries) of each group's maximum.
-    """
-    if not groups_of_scores or any(len(g) == 0 for g in groups_of_scores):
-        raise ValueError("sample_statistics needs at least one group and no empty group")
-    flat = np.concatenate([np.asarray(g, dtype=float) for g in groups_of_scores])
-    return {
-        "mean": float(flat.mean()),
-        "std": float(flat.std()),
-        "max": float(np.mean([max(g) for g in groups_of_scores])),
-    }
-
-
 def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, model_max_length: int = 192,
-                  batch_size: int = 8) -> dict[str, tuple[list[float], list[float]]]:
+                  length_penalty: float = 1.0, batch_size: int = 8) -> dict[str, tuple[list[float], list[float]]]:
     """A policy's own scores of (prompt, chosen, rejected) triples, as RRHF's ranking term sees them.
 
-    Returns, per normalisation, the chosen and the rejected scores: `paper` divides a response's summed
-    log-prob by its length; `official` by the pair's padded row length (the authors' code), which is
-    the same for both responses of a pair. Feed them to `preference_accuracy` for Table 5.
+    Returns, per semantics, the chosen and the rejected scores (`rrhf.loss.candidate_scores`: `paper`
+    divides a response's summed log-prob by its length, `official` by the pair's padded row length, the
+    same for both responses of a pair). Feed them to `rrhf.stats.preference_accuracy` for Table 5.
     """
     from rrhf.collator import tokenize_example
     from rrhf.logprobs import group_logprob_sums
+    from rrhf.loss import candidate_scores
 
     out: dict[str, tuple[list[float], list[float]]] = {"paper": ([], []), "official": ([], [])}
     with eval_mode(model), torch.no_grad():
@@ -182,10 +143,9 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
                             for p, c, r in pairs[start:start + batch_size]]
                 sums, lengths = group_logprob_sums(
                     model, [(e["query_ids"], e["responses_ids"]) for e in examples])
-                if semantics == "paper":
-                    scores = sums / lengths.clamp(min=1)
-                else:
-                    scores = sums / torch.tensor([e["pad_length"] for e in examples], dtype=sums.dtype)[:, None]
+                pad_lengths = torch.tensor([e["pad_length"] for e in examples])
+                scores = candidate_scores(sums, lengths, semantics=semantics, length_penalty=length_penalty,
+                                          pad_lengths=pad_lengths)
                 out[semantics][0].extend(scores[:, 0].tolist())
                 out[semantics][1].extend(scores[:, 1].tolist())
     return out
@@ -199,18 +159,15 @@ def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: 
     Samples n responses per prompt, applies the stop cut, and keeps the one the reward model scores
     highest (the first on ties). Batches are seeded by their position, so the draw is reproducible.
     """
-    from rrhf.sampling import left_truncated_batch
-
     best = []
     with eval_mode(model), torch.no_grad():
         for start in tqdm(range(0, len(prompts), batch_size), desc=f"best-of-{n}", unit="batch"):
             chunk = list(prompts[start:start + batch_size])
             batch = left_truncated_batch(tokenizer, chunk, max_prompt_tokens)
-            torch.manual_seed(seed + start)
-            out = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                                 num_return_sequences=n, max_new_tokens=max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            out = sample(model, tokenizer, batch, seed=seed + start, n=n, max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_p=top_p)
+            texts = decode_new(tokenizer, out, batch["input_ids"].shape[1])
             candidates = [stop_cut(t) for t in texts]
             rewards = scorer.score([p for p in chunk for _ in range(n)], candidates)
             for i in range(len(chunk)):

@@ -25,6 +25,8 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from rrhf.data import read_jsonl
+
 log = logging.getLogger(__name__)
 
 METRICS = {"reward": "reward", "ppl": "ppl_paper"}  # per-response fields in an evaluation's responses.jsonl
@@ -80,11 +82,6 @@ class Arm:
     peak_rss_mib: float | None
 
 
-def _responses(artifact: str) -> list[dict[str, Any]]:
-    with open(Path(artifact) / "responses.jsonl") as handle:
-        return [json.loads(line) for line in handle]
-
-
 def load_arms(results: Path) -> dict[str, Arm]:
     """The finished arms of a findings sweep under `results`, by arm name."""
     arms = {}
@@ -94,7 +91,7 @@ def load_arms(results: Path) -> dict[str, Arm]:
         if name is None or not (folder / "metrics.json").exists():
             continue
         metrics = json.loads((folder / "metrics.json").read_text())
-        rows = _responses(metrics["final"]["artifact"])
+        rows = read_jsonl(Path(metrics["final"]["artifact"]) / "responses.jsonl")
         timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
         costs = [c for c in (timing.get("stages") or {}).values() if c]
         arms[name] = Arm(name, {m: np.array([r[f] for r in rows], dtype=float) for m, f in METRICS.items()},

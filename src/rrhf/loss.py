@@ -13,6 +13,31 @@ import torch
 SEMANTICS = ("paper", "official")
 
 
+def candidate_scores(logp_sums: torch.Tensor, lengths: torch.Tensor, *, semantics: str = "paper",
+                     length_penalty: float = 1.0, pad_lengths: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The policy's score p of each candidate, (B, k): its summed log-prob over denom ** length_penalty.
+
+    denom is the response's own length ("paper", Eq. 1; an empty response counts as length 1) or the padded
+    row length of its group ("official": the authors' in-place bug, repo issue 37). Invalid slots score 0.
+    """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
+    if valid is None:
+        valid = torch.ones_like(logp_sums, dtype=torch.bool)
+    if semantics == "paper":
+        denom = lengths.to(logp_sums).clamp_min(1.0)
+    else:
+        if pad_lengths is None:
+            raise ValueError('semantics="official" needs pad_lengths, the padded row length of each group')
+        pad = pad_lengths.to(logp_sums).reshape(-1)
+        if pad.shape[0] != logp_sums.shape[0]:
+            raise ValueError(f"pad_lengths must have shape ({logp_sums.shape[0]},), got {tuple(pad_lengths.shape)}")
+        denom = pad[:, None].expand_as(logp_sums)
+    denom = torch.where(valid, denom, torch.ones_like(denom))
+    return torch.where(valid, logp_sums, torch.zeros_like(logp_sums)) / denom**length_penalty
+
+
 @dataclass(frozen=True)
 class RRHFLossOutput:
     """`loss` is a scalar; `rank` and `sft` are the per-query terms, shape (B,)."""
@@ -36,9 +61,8 @@ def rrhf_loss(
     """RRHF loss over B queries with up to k candidates each.
 
     logp_sums, lengths, rewards, valid: (B, k); pad_lengths: (B,), the padded row length of each group in
-    the authors' layout (needed for semantics="official"). Scores are p = logp_sums / denom ** length_penalty
-    with denom = lengths ("paper", an empty response counts as length 1) or pad_lengths ("official", the
-    authors' in-place bug, repo issue 37). rank = sum over valid pairs with r_i < r_j of max(0, p_i - p_j);
+    the authors' layout (needed for semantics="official"). Scores p are `candidate_scores`.
+    rank = sum over valid pairs with r_i < r_j of max(0, p_i - p_j);
     sft = -logp_sums of the first highest-reward valid candidate ("official": divided by pad_lengths).
     loss = mean over queries of rank_weight * rank + sft. Every query needs at least one valid candidate.
     """
@@ -59,19 +83,8 @@ def rrhf_loss(
     if not rewards.is_floating_point():
         rewards = rewards.double()
 
-    if semantics == "paper":
-        denom = lengths.to(logp).clamp_min(1.0)
-        sft_denom = torch.ones_like(logp[:, 0])
-    else:
-        if pad_lengths is None:
-            raise ValueError('semantics="official" needs pad_lengths, the padded row length of each group')
-        pad = pad_lengths.to(logp).reshape(-1)
-        if pad.shape[0] != logp.shape[0]:
-            raise ValueError(f"pad_lengths must have shape ({logp.shape[0]},), got {tuple(pad_lengths.shape)}")
-        denom = pad[:, None].expand_as(logp)
-        sft_denom = pad
-    denom = torch.where(valid, denom, torch.ones_like(denom))
-    scores = logp / denom**length_penalty
+    scores = candidate_scores(logp, lengths, semantics=semantics, length_penalty=length_penalty,
+                              pad_lengths=pad_lengths, valid=valid)
 
     # pairs[b, i, j]: candidate i is ranked below candidate j (strictly lower reward), both valid.
     both = valid[:, :, None] & valid[:, None, :]
@@ -82,5 +95,7 @@ def rrhf_loss(
     # torch.argmax returns the first maximal index, which is the authors' tie rule.
     masked_rewards = torch.where(valid, rewards, torch.full_like(rewards, float("-inf")))
     best = masked_rewards.argmax(dim=1)
-    sft = -logp.gather(1, best[:, None]).squeeze(1) / sft_denom
+    sft = -logp.gather(1, best[:, None]).squeeze(1)
+    if semantics == "official":  # a mean over the padded row, masked positions counting as zero
+        sft = sft / pad_lengths.to(logp).reshape(-1)
     return RRHFLossOutput(loss=(rank_weight * rank + sft).mean(), rank=rank, sft=sft)

@@ -3,7 +3,7 @@
 Training starts from the DP candidates of the initial policy (the data set's responses stay in every
 group). After every k optimiser steps the policy being trained generates new candidates with the same
 generator and settings, and every candidate of the group is re-scored. With a KL coefficient beta the
-score becomes R(x, y) - beta * log(pi(y|x) / rho(y|x)) (FACTS section 4), where log pi and log rho are
+score becomes R(x, y) - beta * log(pi(y|x) / rho(y|x)) (paper-notes section 4), where log pi and log rho are
 the response's summed token log-probs under the current policy and the frozen initial model.
 
 A batch's candidates are looked up when its step runs, not when the batch is fetched: accelerate's data
@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,11 @@ import torch
 
 from rrhf.artifacts import world_size, write_json_atomic
 from rrhf.collator import RRHFCollator
-from rrhf.evaluation import eval_mode, sample_statistics
+from rrhf.data import read_jsonl, with_dataset_responses, write_jsonl
+from rrhf.generation import eval_mode, generate_batch
 from rrhf.logprobs import group_logprob_sums
 from rrhf.reward import score_groups
-from rrhf.sampling import generate_batch, with_dataset_responses
+from rrhf.stats import sample_statistics
 from rrhf.trainer import RRHFTrainer
 
 log = logging.getLogger(__name__)
@@ -100,11 +100,9 @@ class OnlineCandidates:
         stats = {"step": step, "reward": sample_statistics([rs[:n] for rs, n in zip(rewards, n_sampled)]),
                  "log_ratio_mean": sum(sampled_ratios) / max(len(sampled_ratios), 1)}
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        kept = self.log_dir / f"step-{step}.jsonl"
-        with open(kept.with_suffix(".tmp"), "w") as handle:  # renamed when whole: a resume reads it
-            for record, rs, ks in zip(self.records, rewards, kls):
-                handle.write(json.dumps({**record, "rewards": rs, "log_ratios": ks}) + "\n")
-        os.replace(kept.with_suffix(".tmp"), kept)
+        # Written whole or not at all: a resume reads it.
+        write_jsonl(self.log_dir / f"step-{step}.jsonl",
+                    ({**record, "rewards": rs, "log_ratios": ks} for record, rs, ks in zip(self.records, rewards, kls)))
         write_json_atomic(self.log_dir / f"step-{step}.json", stats)  # a redone refresh overwrites its own
         log.info("OP-%d refresh at step %d: sampled reward mean %.4f", self.refresh_steps, step,
                  stats["reward"]["mean"])
@@ -133,8 +131,7 @@ class OnlineCandidates:
         """
         last = (step // self.refresh_steps) * self.refresh_steps
         if 0 < last < step:
-            with open(self.log_dir / f"step-{last}.jsonl") as handle:
-                rows = [json.loads(line) for line in handle]
+            rows = read_jsonl(self.log_dir / f"step-{last}.jsonl")
             self.records = [{k: row[k] for k in ("query", "responses", "scores")} for row in rows]
 
 

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from rrhf.artifacts import crash_point, rank, run_stage, write_json_atomic
+from rrhf.data import read_jsonl
 
 log = logging.getLogger(__name__)
-
-# Sampling keys that do not change the first generation: labels, the dataset flag, and what later
-# iterations or online refreshes do. DP, D, IP-n and OP-k (and imdb_BP, imdb_B) share one generation.
-NOT_GENERATION_KEYS = ("name", "dataset_responses", "table10_setting", "iterations", "refresh_steps", "kl_coef")
 
 
 def _plain(node: Any) -> Any:
@@ -50,11 +48,6 @@ def _prompts(cfg: DictConfig, split: str) -> list[dict]:
         return imdb_prefix_rows(key["source"], split, tokenizer_name=key["prefix_tokenizer"],
                                 prefix_tokens=key["prefix_tokens"], limit=key["limit"])
     return load_split(key["source"], split, limit=key["limit"])
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path) as handle:
-        return [json.loads(line) for line in handle]
 
 
 @contextlib.contextmanager
@@ -110,8 +103,10 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     s = cfg.sampling
     if s.generator in ("none", "file"):
         return None
+    from rrhf.sampling import generation_settings
+
     inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": model_path,
-              "sampling": {k: v for k, v in _plain(s).items() if k not in NOT_GENERATION_KEYS},
+              "sampling": generation_settings(_plain(s)),
               "seed": cfg.seed if s.generator in ("top_p", "top_k") else None}
 
     def build(work: Path) -> None:
@@ -137,9 +132,10 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
               "dataset_responses": list(s.dataset_responses), "reward": _plain(cfg.reward)}
 
     def build(work: Path) -> None:
-        from rrhf.evaluation import sample_statistics
+        from rrhf.data import with_dataset_responses
         from rrhf.reward import build_scorer, score_groups
-        from rrhf.sampling import read_candidates, with_dataset_responses
+        from rrhf.sampling import read_candidates
+        from rrhf.stats import sample_statistics
 
         rows = _prompts(cfg, "train")
         generated = read_candidates(sampled / "candidates.jsonl") if sampled else {}
@@ -164,8 +160,8 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
 
 def _file_stage(cfg: DictConfig) -> Path:
     """A user's training file in the authors' format, checked line by line, in place of sample + score."""
-    from rrhf.collator import read_training_file
-    from rrhf.evaluation import sample_statistics
+    from rrhf.data import read_training_file, write_training_file
+    from rrhf.stats import sample_statistics
 
     source = Path(cfg.sampling.train_file).expanduser().resolve()
     if not source.is_file():
@@ -175,9 +171,7 @@ def _file_stage(cfg: DictConfig) -> Path:
 
     def build(work: Path) -> None:
         rows = read_training_file(source, allow_empty_responses=False)  # names the file and line of a bad one
-        with open(work / "train.jsonl", "w") as handle:
-            for row in rows:
-                handle.write(json.dumps({k: row[k] for k in ("query", "responses", "scores")}) + "\n")
+        write_training_file(work / "train.jsonl", rows)
         write_json_atomic(work / "stats.json", {"all": sample_statistics([r["scores"] for r in rows])})
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
@@ -190,9 +184,11 @@ def sft_data_stage(cfg: DictConfig) -> Path:
     inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sft_on": "chosen"}
 
     def build(work: Path) -> None:
-        with open(work / "train.jsonl", "w") as handle:
-            for row in _prompts(cfg, "train"):
-                handle.write(json.dumps({"query": row["prompt"], "responses": [row["chosen"]], "scores": [1.0]}) + "\n")
+        from rrhf.data import write_training_file
+
+        rows = _prompts(cfg, "train")
+        write_training_file(work / "train.jsonl",
+                            ({"query": r["prompt"], "responses": [r["chosen"]], "scores": [1.0]} for r in rows))
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
     return folder
@@ -212,7 +208,8 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
         from transformers import TrainerCallback
 
         from rrhf.assets import resolve_model
-        from rrhf.trainer import RRHFArguments, train
+        from rrhf.trainer import RRHFArguments
+        from rrhf.training import train
 
         class CrashAfterSave(TrainerCallback):  # the stage's crash point, once a checkpoint is on disk
             def on_save(self, args, state, control, **kwargs) -> None:
@@ -257,55 +254,74 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
     return folder / "model"
 
 
-def evaluate_stage(cfg: DictConfig, policy: str, policy_key: str) -> dict:
-    """Responses to the test prompts, their mean reward and their perplexity under the judge.
+@dataclass(frozen=True)
+class Evaluated:
+    """What answers the test prompts in an evaluation, and how it is named in the cache key.
 
-    `policy` is a model path (greedy responses, plus its accuracy as a reward model on the test pairs:
-    Table 5), `best_of_n:<model path>` (the reward model picks one of n samples: Table 2's Best-of-4),
-    or `dataset:chosen` / `dataset:rejected` (the data set's own responses: Table 2's good and bad rows).
+    kind "policy": greedy responses of the model at `source` (plus its accuracy as a reward model on the test
+    pairs: Table 5); "best_of_n": the reward model picks one of n samples of that model (Table 2's Best-of-4);
+    "dataset": the data set's own responses, `source` naming the field (Table 2's good and bad rows).
     """
+
+    kind: str
+    source: str
+    key: str
+
+    @classmethod
+    def policy(cls, path: str, key: str) -> Evaluated:
+        return cls("policy", path, key)
+
+    @classmethod
+    def dataset(cls, field: str) -> Evaluated:
+        return cls("dataset", field, f"dataset:{field}")
+
+    @classmethod
+    def best_of_n(cls, path: str, key: str) -> Evaluated:
+        return cls("best_of_n", path, key)
+
+
+def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
+    """Responses to the test prompts (see `Evaluated`), their mean reward and their perplexity under the judge."""
     e = cfg.eval
-    inputs = {"stage": "evaluate", "policy": policy_key, "task": _task_key(cfg, "test"), "eval": _plain(e),
+    inputs = {"stage": "evaluate", "policy": target.key, "task": _task_key(cfg, "test"), "eval": _plain(e),
               "reward": _plain(cfg.reward)}
 
     def build(work: Path) -> None:
         from rrhf.assets import load_causal_lm
-        from rrhf.evaluation import (
-            best_of_n_responses,
-            greedy_responses,
-            perplexities,
-            policy_scores,
-            preference_accuracy,
-            stop_cut,
-        )
+        from rrhf.evaluation import best_of_n_responses, greedy_responses, perplexities, policy_scores
+        from rrhf.generation import stop_cut
         from rrhf.reward import build_scorer
+        from rrhf.stats import preference_accuracy
 
         rows = _prompts(cfg, "test")
         prompts = [r["prompt"] for r in rows]
         metrics: dict[str, Any] = {"num_prompts": len(prompts)}
         scorer = build_scorer(cfg.reward)
-        if policy.startswith("dataset:"):
-            responses = [stop_cut(r[policy.removeprefix("dataset:")] or "") for r in rows]
-        elif policy.startswith("best_of_n:"):
+        if target.kind == "dataset":
+            responses = [stop_cut(r[target.source] or "") for r in rows]
+        elif target.kind == "best_of_n":
             m = cfg.method
-            model, tokenizer = load_causal_lm(policy.removeprefix("best_of_n:"),
-                                              trust_remote_code=cfg.model.trust_remote_code)
+            model, tokenizer = load_causal_lm(target.source, trust_remote_code=cfg.model.trust_remote_code)
             responses = best_of_n_responses(model, tokenizer, prompts, scorer, n=m.n, max_new_tokens=e.max_new_tokens,
                                             temperature=m.temperature, top_p=m.top_p, batch_size=m.batch_size,
                                             max_prompt_tokens=e.max_prompt_tokens, seed=cfg.seed)
             del model
-        else:
-            model, tokenizer = load_causal_lm(policy, trust_remote_code=cfg.model.trust_remote_code)
+        elif target.kind == "policy":
+            model, tokenizer = load_causal_lm(target.source, trust_remote_code=cfg.model.trust_remote_code)
             raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
                                    batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens)
             responses = [stop_cut(r) for r in raw]
             crash_point("evaluate")
             pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r.get("rejected") is not None]
             if e.rm_accuracy and pairs:
-                scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length)
+                length_penalty = float(cfg.method.train_args.get("length_penalty", 1.0))
+                scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length,
+                                       length_penalty=length_penalty)
                 for semantics, (chosen, rejected) in scores.items():
                     metrics[f"rm_accuracy_{semantics}"] = preference_accuracy(chosen, rejected)
             del model
+        else:
+            raise ValueError(f"unknown evaluation target {target}")
         rewards = scorer.score(prompts, responses)
         judge, judge_tokenizer = load_causal_lm(e.judge)
         ppl = {mode: perplexities(responses, judge, judge_tokenizer, mode=mode, batch_size=e.ppl_batch_size)
@@ -328,12 +344,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     _set_threads(cfg)
     started = time.time()
     model_path = cfg.model.path
-    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, model_path, f"model:{model_path}")}
+    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, Evaluated.policy(model_path, f"model:{model_path}"))}
     if cfg.eval.dataset_responses:
         fields = ("chosen",) if cfg.task.get("format") == "imdb_prefix" else ("chosen", "rejected")
-        metrics["dataset"] = {field: evaluate_stage(cfg, f"dataset:{field}", f"dataset:{field}") for field in fields}
+        metrics["dataset"] = {field: evaluate_stage(cfg, Evaluated.dataset(field)) for field in fields}
         if len(fields) == 2:  # the reward model's own accuracy on the test pairs (Table 5's first row)
-            chosen, rejected = (_read_jsonl(Path(metrics["dataset"][f]["artifact"]) / "responses.jsonl")
+            chosen, rejected = (read_jsonl(Path(metrics["dataset"][f]["artifact"]) / "responses.jsonl")
                                 for f in fields)
             metrics["reward_model_accuracy"] = sum(c["reward"] > r["reward"] for c, r in zip(chosen, rejected)) / len(
                 chosen)
@@ -352,7 +368,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             iteration = {
                 "samples": json.loads((scored / "stats.json").read_text()),
                 "candidates": str(scored / "train.jsonl"),
-                "trained": evaluate_stage(cfg, policy, f"train:{trained.parent.name}"),
+                "trained": evaluate_stage(cfg, Evaluated.policy(policy, f"train:{trained.parent.name}")),
                 "train_log": str(trained.parent / "log_history.json")}
             if online:
                 from rrhf.online import refresh_statistics
@@ -365,12 +381,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         trained = train_stage(cfg, model_path, sft_data_stage(cfg)) if cfg.method.name == "sft" else ppo_stage(
             cfg, model_path)
         costs["train_1"] = stage_cost(trained.parent)
-        metrics["trained"] = evaluate_stage(cfg, str(trained), f"{trained.parent.parent.name}:{trained.parent.name}")
+        metrics["trained"] = evaluate_stage(cfg, Evaluated.policy(str(trained),
+                                                                  f"{trained.parent.parent.name}:{trained.parent.name}"))
         metrics["train_log"] = str(trained.parent / "log_history.json")
         metrics["final"] = metrics["trained"]
     elif cfg.method.name == "best_of_n":
         key = f"best_of_n:{model_path}:{_plain(cfg.method)}:seed={cfg.seed}"
-        metrics["final"] = evaluate_stage(cfg, f"best_of_n:{model_path}", key)
+        metrics["final"] = evaluate_stage(cfg, Evaluated.best_of_n(model_path, key))
     elif cfg.method.name == "none":
         metrics["final"] = metrics["initial"]
     else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from rrhf.data import read_training_file  # noqa: E402
 
 
 def training_curves(log_history: list[dict[str, Any]], title: str, out: Path) -> Path:
@@ -54,5 +55,4 @@ def reward_distributions(scores_by_setting: dict[str, list[float]], out: Path) -
 
 def candidate_scores(train_file: Path) -> list[float]:
     """Every candidate's reward in a training file of the authors' format."""
-    with open(train_file) as handle:
-        return [s for row in map(json.loads, handle) for s in row["scores"]]
+    return [s for row in read_training_file(train_file) for s in row["scores"]]

@@ -1,4 +1,4 @@
-"""PPO for causal LMs, as trlX runs it in its `ppo_hh` example: the paper's PPO baseline (FACTS section 7).
+"""PPO for causal LMs, as trlX runs it in its `ppo_hh` example: the paper's PPO baseline (paper-notes section 7).
 
 One round: sample responses to a slice of the training prompts, score them with a `Scorer`, turn each
 score into per-token rewards (a KL penalty against the frozen initial policy on every token, the score
@@ -25,8 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from rrhf.assets import load_causal_lm
-from rrhf.evaluation import STOP_STRINGS, stop_cut
-from rrhf.sampling import check_context, left_truncated_batch
+from rrhf.generation import STOP_STRINGS, check_context, left_truncated_batch, pad_id, sample, stop_cut
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +194,7 @@ def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int) -> None:
         module.requires_grad_(False)
 
 
-def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: int,
+def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int,
              head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities (and values) of each row's response tokens: [batch, longest response] + mask.
 
@@ -205,7 +204,7 @@ def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad_id: 
     """
     device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in rows]
-    ids = torch.full((len(rows), max(lengths)), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
     attention = torch.zeros_like(ids)
     for b, (p, r) in enumerate(rows):
         ids[b, :lengths[b]] = torch.tensor(p + r)
@@ -291,8 +290,6 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
     """One round's rollouts with their advantages and returns (the policy in eval mode, no gradients)."""
     device = next(policy.parameters()).device
     indices = _prompt_order(len(prompts), config.seed, state.cursor, config.num_rollouts)
-    # Seeded per round, so a resumed run samples what an uninterrupted one would have.
-    torch.manual_seed(config.seed * 1_000_003 + state.round)
     rollouts: list[Rollout] = []
     raw, deltas, kls = [], [], []
     policy.eval()
@@ -303,11 +300,12 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
         batch = left_truncated_batch(tokenizer, texts, config.max_prompt_tokens)
         check_context(policy, batch["input_ids"].shape[1], config.max_new_tokens,
                       "method.ppo.max_prompt_tokens + max_new_tokens")
+        # Seeded per round and chunk, so a resumed run samples what an uninterrupted one would have.
         with torch.no_grad(), autocast():
-            out = policy.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=True,
-                                  top_k=config.top_k, top_p=config.top_p, temperature=config.temperature,
-                                  max_new_tokens=config.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                                  pad_token_id=tokenizer.pad_token_id)
+            out = sample(policy, tokenizer, {k: v.to(device) for k, v in batch.items()},
+                         seed=config.seed * 1_000_003 + state.round * 10_007 + at, n=1,
+                         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                         top_k=config.top_k)
         width = batch["input_ids"].shape[1]
         rows, responses = [], []
         for b in range(len(chunk)):
@@ -333,8 +331,8 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
         scaled = scaled.clamp(-config.cliprange_reward, config.cliprange_reward)
 
         with torch.no_grad(), autocast():
-            logprobs, values, mask = _forward(policy, rows, tokenizer.pad_token_id, head)
-            ref_logprobs, _, _ = _forward(reference, rows, tokenizer.pad_token_id)
+            logprobs, values, mask = _forward(policy, rows, pad_id(tokenizer), head)
+            ref_logprobs, _, _ = _forward(reference, rows, pad_id(tokenizer))
         log_ratio = (logprobs - ref_logprobs) * mask
         kls += log_ratio.sum(1).tolist()
         rewards = -state.kl.value * log_ratio
@@ -352,7 +350,7 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
     return rollouts, stats
 
 
-def _update(policy, head, optimizer, rollouts: list[Rollout], state: _State, mean_kl: float, pad_id: int,
+def _update(policy, head, optimizer, rollouts: list[Rollout], state: _State, mean_kl: float, pad: int,
             config: PPOConfig, autocast) -> dict[str, float]:
     """ppo_epochs passes over the rollouts in freshly shuffled minibatches; one optimiser step each."""
     policy.train()
@@ -367,7 +365,7 @@ def _update(policy, head, optimizer, rollouts: list[Rollout], state: _State, mea
             batch = [rollouts[i] for i in order[at:at + config.batch_size]]
             with autocast():
                 logprobs, values, mask = _forward(policy, [(r.prompt_ids, r.response_ids) for r in batch],
-                                                  pad_id, head)
+                                                  pad, head)
             old = {name: pad_sequence([getattr(r, name) for r in batch], batch_first=True).to(mask.device)
                    for name in ("logprobs", "values", "advantages", "returns")}
             # trlX whitens the advantages of each minibatch.
@@ -486,7 +484,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
         started = time.perf_counter()
         rollouts, stats = _collect(policy, head, reference, tokenizer, scorer, prompts, references,
                                    reference_scores, state, config, autocast)
-        stats |= _update(policy, head, optimizer, rollouts, state, stats["mean_kl"], tokenizer.pad_token_id,
+        stats |= _update(policy, head, optimizer, rollouts, state, stats["mean_kl"], pad_id(tokenizer),
                          config, autocast)
         state.round += 1
         row = {"round": state.round, "mean_score": stats["mean_score"],

@@ -1,7 +1,7 @@
 """Reward scorers: one small interface, `score(prompts, responses) -> list[float]`.
 
 - `vader`: the offline sentiment of the continuation (the embedded default).
-- `gptj_rm_static`: Dahoas/gptj-rm-static, the paper's HH reward model, as FACTS section 5 describes.
+- `gptj_rm_static`: Dahoas/gptj-rm-static, the paper's HH reward model, as paper-notes section 5 describes.
 - `sequence_classifier`: any Hugging Face sequence-classification model (the IMDB appendix uses the
   positive-class probability of lvwerra/distilbert-imdb).
 

@@ -12,86 +12,25 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from rrhf.artifacts import crash_point
 from rrhf.beam_search import diverse_beam_search
+from rrhf.data import read_jsonl
+from rrhf.generation import generate_batch
 
-__all__ = ["diverse_beam_search", "generate_candidates", "left_truncated_batch", "prompt_ids"]
+__all__ = ["diverse_beam_search", "generate_candidates", "generation_settings", "read_candidates"]
 
 log = logging.getLogger(__name__)
 
-
-def prompt_ids(tokenizer, prompt: str, max_prompt_tokens: int) -> list[int]:
-    """A prompt's token ids, left-truncated to its last `max_prompt_tokens` (the paper's rule).
-
-    The tokenizer truncates, so its special tokens stay (a LLaMA BOS remains in front), as the
-    authors' tokenizer with truncation_side="left" did.
-    """
-    saved = tokenizer.truncation_side
-    tokenizer.truncation_side = "left"
-    try:
-        return tokenizer(prompt, truncation=True, max_length=max_prompt_tokens).input_ids
-    finally:
-        tokenizer.truncation_side = saved
+# Sampling keys that do not change the first generation: labels, the dataset flag, and what later
+# iterations or online refreshes do. DP, D, IP-n and OP-k (and imdb_BP, imdb_B) share one generation.
+NOT_GENERATION_KEYS = ("name", "dataset_responses", "table10_setting", "iterations", "refresh_steps", "kl_coef")
 
 
-def left_padded(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """A batch of token-id lists, left-padded (generation continues from the right edge)."""
-    width = max(len(x) for x in ids)
-    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
-    attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def left_truncated_batch(tokenizer, prompts: list[str], max_prompt_tokens: int) -> dict[str, torch.Tensor]:
-    """Tokenise prompts with the paper's left truncation and left-pad them into one batch."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return left_padded([prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts], pad_id)
-
-
-def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None:
-    """Fail before generating when prompt + response cannot fit the model's positions."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and prompt_tokens + new_tokens > limit:
-        raise ValueError(f"{keys}: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's "
-                         f"context of {limit} positions; lower them")
-
-
-def generate_batch(model, tokenizer, prompts: list[str], cfg: Any, seed: int) -> list[list[str]]:
-    """`cfg.num_candidates` responses to each prompt by the setting's generator (OP-k calls it mid-training)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens).items()}
-    check_context(model, batch["input_ids"].shape[1], cfg.max_new_tokens,
-                  "sampling.max_prompt_tokens + sampling.max_new_tokens")
-    common = dict(max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id)
-    n = cfg.num_candidates
-    with torch.no_grad():
-        if cfg.generator == "diverse_beam":
-            out = diverse_beam_search(model, batch["input_ids"], batch["attention_mask"],
-                                      num_beams=cfg.num_beams, num_beam_groups=cfg.num_beam_groups,
-                                      diversity_penalty=cfg.diversity_penalty, num_return_sequences=n,
-                                      **common)
-        elif cfg.generator == "beam":
-            out = model.generate(**batch, do_sample=False, num_beams=cfg.num_beams, num_return_sequences=n,
-                                 **common)
-        elif cfg.generator in ("top_p", "top_k"):
-            torch.manual_seed(seed)  # seeded per batch, so a resumed job draws what an unbroken one would
-            nucleus = dict(top_p=cfg.top_p, top_k=0) if cfg.generator == "top_p" else dict(top_k=cfg.top_k)
-            out = model.generate(**batch, do_sample=True, temperature=cfg.temperature, num_return_sequences=n,
-                                 **nucleus, **common)
-        else:
-            raise ValueError(f"sampling.generator={cfg.generator!r}: expected diverse_beam, beam, top_p, top_k "
-                             "or none")
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
-
-
-def with_dataset_responses(sampled: list[str], row: dict[str, Any], fields: Any) -> list[str]:
-    """A prompt's training group: its sampled candidates, then the data set's responses named in `fields`."""
-    return list(sampled) + [row[f] for f in fields if row.get(f) is not None]
+def generation_settings(sampling: dict[str, Any]) -> dict[str, Any]:
+    """The part of a (resolved) sampling config that decides what is generated: the sample stage's key."""
+    return {k: v for k, v in sampling.items() if k not in NOT_GENERATION_KEYS}
 
 
 def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file: Path, *, seed: int) -> None:
@@ -132,5 +71,5 @@ def _complete(line: str) -> bool:
 
 
 def read_candidates(path: Path) -> dict[int, list[str]]:
-    with open(path) as handle:
-        return {row["index"]: row["responses"] for row in map(json.loads, handle)}
+    """The sample stage's candidates, by prompt index."""
+    return {row["index"]: row["responses"] for row in read_jsonl(path)}

@@ -1,40 +1,31 @@
-"""RRHF fine-tuning on the Hugging Face Trainer: arguments, the Trainer subclass and `train`, the pipeline entry.
+"""RRHF on the Hugging Face Trainer: the arguments and the Trainer subclass, which overrides only the loss.
 
-The Trainer keeps everything but the loss: optimiser, schedule, mixed precision, FSDP / DeepSpeed,
-checkpoints and exact resume. A device batch holds any number of queries with all their candidates.
+The Trainer keeps everything else: optimiser, schedule, mixed precision, DDP / FSDP / DeepSpeed, checkpoints
+and exact resume. A device batch holds any number of queries with all their candidates. Running a training
+(the choice of Trainer class, checkpoints to resume from, logging) is `rrhf.training.train`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from rrhf.collator import RRHFCollator, read_training_file
+from rrhf import PROJECT_ROOT
 from rrhf.logprobs import LAYOUTS, group_logprob_sums
 from rrhf.loss import SEMANTICS, rrhf_loss
-
-if TYPE_CHECKING:
-    from rrhf.online import OnlineSettings
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class RRHFArguments(TrainingArguments):
-    """TrainingArguments plus the RRHF options, with the paper's training defaults.
+    """TrainingArguments plus the RRHF options.
 
-    Sources of the defaults: the paper (Yuan et al., arXiv 2304.05302) and the authors' released training
-    scripts (GitHub GanjinZero/RRHF): 3 epochs, lr 2e-5, warmup 3%, cosine schedule (the scripts; the
-    paper's text says linear), no weight decay, AdamW, 1 query per device with 8 accumulation steps (x 8
-    GPUs = 64 queries per optimiser step), model_max_length 192 for HH, rrhf_weight 1.
+    The paper's optimisation settings (lr 2e-5, 3 epochs, 3% warmup, cosine, no weight decay, 64 queries a
+    step, ...) are the run's configuration, not Python defaults: `conf/trainer/base.yaml`, each with its
+    source, and the profiles that extend it. Here are the options the loss adds, defaulting to the paper.
     """
 
     semantics: str = field(default="paper", metadata={"help": "'paper' (Eqs. 1-4) or 'official' (authors' code)"})
@@ -42,25 +33,6 @@ class RRHFArguments(TrainingArguments):
     length_penalty: float = field(default=1.0, metadata={"help": "exponent of the length normalisation"})
     model_max_length: int = field(default=192, metadata={"help": "query + response token budget (192 for HH)"})
     layout: str = field(default="shared", metadata={"help": "'shared' (prompt once) or 'concat' (authors')"})
-
-    learning_rate: float = 2e-5
-    num_train_epochs: float = 3.0
-    # transformers 5 folded warmup_ratio into warmup_steps: a float below 1 is a ratio of the total steps.
-    warmup_steps: float = 0.03
-    # The authors' scripts use cosine; the paper's text says linear decay to 0.
-    lr_scheduler_type: str = "cosine"
-    weight_decay: float = 0.0
-    per_device_train_batch_size: int = 1  # queries (each with all its candidates)
-    gradient_accumulation_steps: int = 8
-    # wandb logs offline here: `train` sets WANDB_MODE=offline unless the environment says otherwise.
-    report_to: str | list[str] | None = "wandb"
-    # Harness choices, not the authors': log every step; keep optimizer/scheduler/RNG state in
-    # checkpoints so a resumed run is exact; keep two checkpoints so one is complete if a save is killed.
-    logging_steps: float = 1
-    save_strategy: str = "steps"
-    save_steps: float = 200
-    save_total_limit: int | None = 2
-    save_only_model: bool = False
     # The batch is {groups, reward_ranks, valid, pad_lengths}, not model inputs: nothing to drop.
     remove_unused_columns: bool = False
 
@@ -115,75 +87,3 @@ class RRHFTrainer(Trainer):
             logs["sft_loss"] = round(sft / count, 6)
             self._parts = None
         super().log(logs, start_time)
-
-
-def last_checkpoint(folder: str | Path) -> str | None:
-    """The newest complete checkpoint under `folder` (its trainer_state.json is written last), or None."""
-    done = [p for p in Path(folder).glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
-
-
-@contextlib.contextmanager
-def _wandb_env(args: RRHFArguments, output_dir: Path) -> Iterator[None]:
-    # Offline unless told otherwise (no key, no network), and its files inside this run's folder.
-    if "wandb" not in (args.report_to or []):
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR")}
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_DIR", str(output_dir))
-    try:
-        yield
-    finally:
-        import wandb
-
-        # Close the run and its log files: the next run of a sweep in this process starts its own, and
-        # this run's folder is renamed once the stage completes.
-        if wandb.run is not None:
-            wandb.finish()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *, args: RRHFArguments,
-          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None) -> Path:
-    """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
-
-    Checkpoints go to args.output_dir (the pipeline uses output_dir/"checkpoints") and training resumes from
-    the newest complete one found there. Writes output_dir/"model" (weights as safetensors + tokenizer) and
-    output_dir/"log_history.json". With `online` (OP-k) the file's groups are the starting candidates,
-    re-sampled every k steps (see `rrhf.online`); every refresh is kept in output_dir/"online".
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
-    # lose small updates.
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    records = read_training_file(train_file)
-    collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length)
-    resume = last_checkpoint(args.output_dir)
-    with _wandb_env(args, output_dir):
-        if online is None:
-            trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
-                                  processing_class=tokenizer, callbacks=callbacks)
-        else:
-            from rrhf.online import OnlineRRHFTrainer
-
-            candidates = online.candidates(records, collator, model, output_dir / "online")
-            if resume is not None:
-                candidates.resume_at(int(Path(resume).name.split("-")[-1]))
-            trainer = OnlineRRHFTrainer(model=model, args=args, candidates=candidates, collator=collator,
-                                        processing_class=tokenizer, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=resume)
-    final = output_dir / "model"
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    return final

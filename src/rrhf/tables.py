@@ -1,6 +1,6 @@
 """Collect finished runs into the paper's tables, beside the paper's own numbers.
 
-    python -m rrhf.collate results/ --out paper_tables/ [--strict] [--ppl exact]
+    python -m rrhf.tables results/ --out paper_tables/ [--strict] [--ppl exact]
 
 Runs are found by the resolved config Hydra saved beside each `metrics.json` (never by folder names)
 and matched to the rows of `paper_tables/reference.yaml` by their keys (model, sampling, method, ...).
@@ -29,9 +29,11 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from rrhf import PROJECT_ROOT
+
 log = logging.getLogger(__name__)
 
-REFERENCE = Path(__file__).resolve().parents[2] / "paper_tables" / "reference.yaml"
+REFERENCE = PROJECT_ROOT / "paper_tables" / "reference.yaml"
 IMDB_TABLES = {10}
 LOWER_IS_BETTER = {"PPL", "Perplexity"}
 NOT_RANKED = {"Std."}

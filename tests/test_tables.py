@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import rrhf  # noqa: F401  (registers the config resolvers)
-from rrhf.collate import REFERENCE, collate
+from rrhf.tables import REFERENCE, collate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
