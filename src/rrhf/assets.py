@@ -18,6 +18,7 @@ import torch
 
 from rrhf import PROJECT_ROOT
 from rrhf.artifacts import atomic_dir
+from rrhf.placement import Placement
 
 # Special names a `model.path` may take; any other value is a local folder or a Hub name.
 EMBEDDED = {
@@ -125,21 +126,30 @@ def default_data_dir() -> Path:
     return PROJECT_ROOT / "data" / "imdb_offline"
 
 
-def load_causal_lm(path: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load a causal LM and its tokenizer from a config's `model.path` (folder, Hub name or embedded:*)."""
+def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remote_code: bool = False,
+                   device_map: str | dict | None = None):
+    """Load a causal LM and its tokenizer from a config's `model.path` (folder, Hub name or embedded:*).
+
+    The model comes in the placement's precision, on its device (the CPU in fp32 without one); with a
+    `device_map` (e.g. "auto", for a model larger than one device) accelerate spreads it instead.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    placement = placement or Placement(torch.device("cpu"), torch.float32)
     resolved = resolve_model(path)
     if resolved.startswith(("/", ".", "~")) and not Path(resolved).expanduser().is_dir():
         raise FileNotFoundError(f"model path {path!r}: no such folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=placement.dtype, device_map=device_map,
+                                                     trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
     except ValueError as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise ValueError(f"model path {path!r} needs code from its repository to load; that is off by "
                              "default: set model.trust_remote_code=true to opt in") from error
         raise
+    if device_map is None:
+        model.to(placement.device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

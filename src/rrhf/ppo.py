@@ -463,7 +463,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     def autocast():
         return torch.autocast("cuda", dtype=dtype) if use_autocast else contextlib.nullcontext()
 
-    policy, tokenizer = load_causal_lm(model_path, dtype=torch.float32)
+    policy, tokenizer = load_causal_lm(model_path)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     freeze_bottom_layers(policy, config.num_layers_unfrozen)
     torch.manual_seed(config.seed)  # the value head's initialisation
