@@ -15,9 +15,11 @@ log = logging.getLogger("rrhf")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from rrhf.artifacts import rank
+    from rrhf.launch import export_torch_env_from_slurm, rank
     from rrhf.pipeline import run
 
+    # A SLURM job with one task per GPU (hydra/launcher=slurm_gpu): each task becomes one torch rank.
+    export_torch_env_from_slurm()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     failed = run_dir / "FAILED"

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rrhf.assets import resolve_model
 from rrhf.collator import RRHFCollator, tokenize_example
 from rrhf.generation import generate_batch
-from rrhf.online import OnlineCandidates, OnlineSettings
+from rrhf.online import OnlineCandidates, OnlineSettings, Schedule, refresh_statistics
 from rrhf.trainer import RRHFArguments
 from rrhf.training import train
 
@@ -81,9 +81,10 @@ def test_refresh_resamples_keeps_dataset_responses_and_applies_the_kl_term(tiny:
             ratio = _sequence_logprob(policy, t["query_ids"], ids) - _sequence_logprob(reference, t["query_ids"], ids)
             assert abs(ratio) > 1e-4
             assert score == pytest.approx(len(response) - beta * ratio, abs=1e-4)
-    kept = [json.loads(line) for line in (tmp_path / "online" / "step-3.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (tmp_path / "online" / "step-3.rank0-of-1.jsonl").read_text().splitlines()]
     assert [k["responses"] for k in kept] == [r["responses"] for r in online.records]
-    assert json.loads((tmp_path / "online" / "step-3.json").read_text())["step"] == 3
+    assert [k["index"] for k in kept] == list(range(len(ROWS)))
+    assert refresh_statistics(tmp_path / "online")[0]["step"] == 3
 
 
 def test_each_step_trains_on_the_candidates_of_the_latest_refresh(tiny: str, tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ def test_each_step_trains_on_the_candidates_of_the_latest_refresh(tiny: str, tmp
     assert len(seen) == 3 and all(r[:2] == ["initial one", "initial two"] for r in seen[0])
     for step, batch in zip((1, 2), seen[1:]):
         refreshed = [json.loads(line)["responses"] for line in
-                     (tmp_path / "online" / f"step-{step}.jsonl").read_text().splitlines()]
+                     (tmp_path / "online" / f"step-{step}.rank0-of-1.jsonl").read_text().splitlines()]
         assert sorted(map(tuple, batch)) == sorted(map(tuple, refreshed))
 
 
@@ -159,7 +160,40 @@ def test_table10_op_setting_refreshes_its_top_k_candidates(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads(next((tmp_path / "results").rglob("metrics.json")).read_text())
     assert [r["step"] for r in metrics["iterations"][0]["refreshes"]] == [1, 2, 3]
-    kept = next((tmp_path / "artifacts" / "train").glob("*/online/step-3.jsonl")).read_text().splitlines()
+    kept = next((tmp_path / "artifacts" / "train").glob("*/online/step-3.*.jsonl")).read_text().splitlines()
     assert all(len(json.loads(line)["responses"]) == 5 for line in kept)  # 4 top-k samples + the continuation
     table = (tmp_path / "tables" / "table10.csv").read_text()
     assert "rrhf-OP-128-kl_0.1" in table
+
+
+def test_schedule_knows_which_prompts_each_step_trains_on(tiny: str, tmp_path: Path, monkeypatch) -> None:
+    """A refresh draws for the prompts of the coming steps: the Schedule must predict exactly what the Trainer
+    feeds, across epoch ends and an uneven last accumulation."""
+    from rrhf.online import OnlineRRHFTrainer
+
+    start = tmp_path / "start.jsonl"
+    with open(start, "w") as handle:
+        for r in ROWS:
+            handle.write(json.dumps({"query": r["prompt"], "responses": ["a", "b"], "scores": [0.0, 1.0]}) + "\n")
+    trained: dict[int, set[int]] = {}
+    original = OnlineRRHFTrainer.training_step
+
+    def spy(self, model, inputs, num_items_in_batch=None):
+        trained.setdefault(self.state.global_step, set()).update(inputs["indices"])
+        return original(self, model, inputs, num_items_in_batch)
+
+    monkeypatch.setattr(OnlineRRHFTrainer, "training_step", spy)
+    # 4 prompts, 1 a micro-batch, 3 micro-batches a step: steps of 3 and 1 prompts alternate over epochs.
+    args = RRHFArguments(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, max_steps=5, save_steps=100,
+                         per_device_train_batch_size=1, gradient_accumulation_steps=3, report_to="none",
+                         disable_tqdm=True, seed=7)
+    settings = OnlineSettings(rows=ROWS, sampling=SAMPLING, scorer=LengthScorer(), refresh_steps=2)
+    train(tiny, start, tmp_path, args=args, online=settings)
+    schedule = Schedule(len(ROWS), per_device=1, accumulation=3, seed=7)
+    assert sorted(trained) == [0, 1, 2, 3, 4]
+    assert [len(trained[s]) for s in range(5)] == [3, 1, 3, 1, 3]
+    for step in range(5):
+        assert schedule.prompts_for_steps(step, 1) == sorted(trained[step])
+    refreshed = {int(p.name.split(".")[0][5:]): {json.loads(line)["index"] for line in p.open()}
+                 for p in (tmp_path / "online").glob("step-*.jsonl")}
+    assert refreshed == {2: trained[2] | trained[3], 4: trained[4]}

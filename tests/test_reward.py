@@ -105,7 +105,7 @@ def test_vader_scores_the_continuation() -> None:
 
 def test_length_sorted_batches_cover_every_index_once() -> None:
     lengths = [5, 1, 9, 3, 7, 2, 8]
-    batches = length_sorted_batches(lengths, 3)
+    batches = length_sorted_batches(lengths, 3, longest_first=True)
     assert sorted(i for b in batches for i in b) == list(range(7))
     flat = [lengths[i] for b in batches for i in b]
     assert flat == sorted(flat, reverse=True) and all(len(b) <= 3 for b in batches)

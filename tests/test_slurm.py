@@ -147,3 +147,29 @@ def test_multirun_goes_through_slurm(slurm_cluster: None, tmp_path: Path) -> Non
             for array_id in {t.split("_")[0] for t in _array_task_dirs(sweep_dir)}:
                 subprocess.run(["scancel", array_id], capture_output=True, timeout=30)
         shutil.rmtree(sweep_dir, ignore_errors=True)
+
+
+def test_two_task_job_trains_on_two_ranks(slurm_cluster: None, tmp_path: Path) -> None:
+    """hydra/launcher=slurm_local_ddp: one SLURM job of two tasks, which run.py turns into two torch ranks
+    (gloo on the CPU) that share the stages and train together with DDP; rank 0 writes the metrics."""
+    name = f"slurm-ddp-test-{uuid.uuid4().hex[:8]}"
+    sweep_dir = REPO / "results" / name
+    cmd = [_python(), "run.py", "-m", "experiment=smoke", "trainer=ddp", "hydra/launcher=slurm_local_ddp",
+           "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
+           "trainer.args.bf16=false", f"name={name}", f"++paths.artifacts={tmp_path / 'artifacts'}",
+           "++collate=false"]
+    env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        (job_dir,) = _job_dirs(sweep_dir)
+        assert len(list(sweep_dir.rglob("metrics.json"))) == 1 and (job_dir / "metrics.json").exists()
+        (task_dir,) = _array_task_dirs(sweep_dir).values()
+        logs = {r: (task_dir / f"{task_dir.name}_{r}_log.out").read_text() for r in (0, 1)}
+        for r, text in logs.items():
+            assert re.search(rf"train: building \S+ on rank {r} of 2", text), f"task {r} did not train"
+            assert re.search(rf"sample: building \S+ on rank {r} of 2", text), f"task {r} did not sample"
+        (train_inputs,) = (tmp_path / "artifacts" / "train").glob("*/inputs.json")
+        assert json.loads(train_inputs.read_text())["world_size"] == 2
+    finally:
+        shutil.rmtree(sweep_dir, ignore_errors=True)

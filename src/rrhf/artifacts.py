@@ -15,12 +15,15 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from rrhf.launch import launch_id, rank, world_size
+from rrhf.sharding import clean as clean_shards
+from rrhf.sharding import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -69,55 +72,54 @@ def atomic_dir(target: Path, *, keep_partial: bool = False) -> Iterator[Path]:
         os.replace(work, target)
 
 
-def rank() -> int:
-    """This process's rank in a torchrun / SLURM launch (0 when launched alone)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def run_stage(root: Path, stage: str, inputs: dict, build: Callable[[Path], None], *,
               all_ranks: bool = False) -> tuple[Path, bool]:
     """Return the finished artifact folder of `stage` for `inputs`, building it with `build(work)` if needed.
 
-    The second value says whether work was done. `build` may find files of an interrupted earlier
-    attempt in its folder and continue from them. A stage that is one distributed job (training
-    under torchrun) passes all_ranks: every rank builds, rank 0 completes the folder.
+    The second value says whether work was done. `build` may find files of an interrupted earlier attempt in
+    its folder and continue from them. With all_ranks, every rank of a multi-rank launch runs `build` in the
+    same work folder (dividing the work: `rrhf.sharding`, or a collective training), and rank 0 completes the
+    folder once every rank has finished; one process builds the same way, under the lock below.
     """
     target = Path(root) / stage / digest(inputs)
     if (target / "DONE").exists():
         log.info("%s: cached at %s", stage, target)
         return target, False
     if all_ranks and world_size() > 1:
-        return _run_collective_stage(target, stage, inputs, build), True
+        return _run_on_every_rank(target, stage, inputs, build)
     with atomic_dir(target, keep_partial=True) as work:
         if work == target:  # finished by a concurrent run while we waited for the lock
             return target, False
         (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
         log.info("%s: building %s", stage, target)
         build(work)
+        clean_shards(work)
     return target, True
 
 
-def _run_collective_stage(target: Path, stage: str, inputs: dict, build: Callable[[Path], None]) -> Path:
-    # No lock: every rank must enter `build` (it holds the collective calls); rank 0 alone finishes.
+def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[Path], None]) -> tuple[Path, bool]:
+    # Rank r holds lock r until the artifact is whole: a second launch that needs the same artifact waits
+    # rank by rank and then finds it finished, instead of joining a build half-way.
+    me, world, launch = rank(), world_size(), launch_id()
     work = target.with_name(target.name + ".partial")
-    work.mkdir(parents=True, exist_ok=True)
-    log.info("%s: building %s on rank %d of %d", stage, target, rank(), world_size())
-    build(work)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # every rank has written what it writes before the folder moves
-    if rank() == 0:
+    with file_lock(target.with_name(f"{target.name}.rank{me}.lock")):
+        if (target / "DONE").exists():
+            return target, False
+        work.mkdir(parents=True, exist_ok=True)
+        log.info("%s: building %s on rank %d of %d", stage, target, me, world)
+        build(work)
+        (work / f"built-{me}-of-{world}.{launch}").touch()
+        if me != 0:
+            wait_for(target, ["DONE"], what=f"{stage}: rank 0 to complete {target.name}")
+            return target, True
+        wait_for(work, [f"built-{r}-of-{world}.{launch}" for r in range(world)], what=f"{stage}: every rank")
+        clean_shards(work)
+        for marker in work.glob("built-*"):
+            marker.unlink()
         (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
         (work / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         os.replace(work, target)
-    while not (target / "DONE").exists():
-        time.sleep(1)
-    return target
+    return target, True
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -127,13 +129,3 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
-
-
-def crash_point(stage: str) -> None:
-    """Die at once, as a preempted job does, when RRHF_CRASH_AT names this stage.
-
-    For the crash tests: each stage calls it after some of its work is saved, so a rerun must resume
-    from a partial artifact and still end where an uninterrupted run ends.
-    """
-    if os.environ.get("RRHF_CRASH_AT") == stage:
-        os.kill(os.getpid(), signal.SIGKILL)

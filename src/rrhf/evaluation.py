@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from rrhf.generation import (
     decode_new,
@@ -23,6 +22,7 @@ from rrhf.generation import (
     sample,
     stop_cut,
 )
+from rrhf.sharding import Mapper, length_sorted_batches, local_map
 
 # The authors' metric script (the old `datasets` perplexity metric) truncated every text to
 # model.config.max_length - 1 tokens to leave room for the prepended BOS. For gpt2-medium
@@ -32,15 +32,8 @@ PAPER_MAX_TEXT_TOKENS = 19
 PPL_MODES = ("paper", "exact")
 
 
-def greedy_responses(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 16,
-    max_prompt_tokens: int = 256,
-) -> list[str]:
+def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
+                     max_prompt_tokens: int = 256, mapper: Mapper = local_map) -> list[str]:
     """Greedy continuations of `prompts` (decoded new tokens only, special tokens skipped), in input order.
 
     Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
@@ -48,23 +41,19 @@ def greedy_responses(
     """
     encoded = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     pad = pad_id(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
-    results: list[str] = [""] * len(prompts)
-    device = model.device
-    with eval_mode(model), torch.no_grad(), tqdm(total=len(prompts), desc="greedy", unit="prompt") as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            batch = left_padded([encoded[i] for i in chunk], pad)
-            width = batch["input_ids"].shape[1]
-            out = model.generate(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device),
-                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad)
-            texts = decode_new(tokenizer, out, width)
-            for i, text in zip(chunk, texts, strict=True):
-                results[i] = text
-            bar.update(len(chunk))
-    return results
+
+    @torch.no_grad()
+    def generate(chunk: list[int]) -> list[str]:
+        batch = left_padded([encoded[i] for i in chunk], pad)
+        with eval_mode(model):
+            out = model.generate(input_ids=batch["input_ids"].to(model.device),
+                                 attention_mask=batch["attention_mask"].to(model.device),
+                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad)
+        return decode_new(tokenizer, out, batch["input_ids"].shape[1])
+
+    results = mapper(length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy",
+                     unit="prompt")
+    return [results[i] for i in range(len(prompts))]
 
 
 def _clean(text: str) -> str:
@@ -73,7 +62,8 @@ def _clean(text: str) -> str:
     return text if text else " "
 
 
-def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_size: int = 8) -> list[float]:
+def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_size: int = 8,
+                 mapper: Mapper = local_map) -> list[float]:
     """Perplexity of each text under `model`, in input order.
 
     Each text is cleaned (newlines to spaces, stripped, empty -> " "), tokenised without special tokens
@@ -100,30 +90,29 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
     if empty:
         raise ValueError(f"texts with no tokens cannot be scored, e.g. {empty[0]!r}")
 
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    results: list[float] = [0.0] * len(ids)
-    device = model.device
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            rows = [[context_id] + ids[i] for i in chunk]
-            width = max(len(r) for r in rows)
-            # Any id works as padding: padded positions are masked out and come after the text.
-            input_ids = torch.tensor([r + [context_id] * (width - len(r)) for r in rows], device=device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    @torch.no_grad()
+    def score(chunk: list[int]) -> list[float]:
+        rows = [[context_id] + ids[i] for i in chunk]
+        width = max(len(r) for r in rows)
+        # Any id works as padding: padded positions are masked out and come after the text.
+        input_ids = torch.tensor([r + [context_id] * (width - len(r)) for r in rows], device=model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+        with eval_mode(model):
             logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
-            scored = mask[:, 1:].float()
-            mean_nll = (nll * scored).sum(1) / scored.sum(1)
-            # The metric script exponentiated a natural-log NLL in base 2; kept as is in paper mode.
-            ppl = torch.exp2(mean_nll) if mode == "paper" else torch.exp(mean_nll)
-            for i, value in zip(chunk, ppl.tolist(), strict=True):
-                results[i] = value
-    return results
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+        scored = mask[:, 1:].float()
+        mean_nll = (nll * scored).sum(1) / scored.sum(1)
+        # The metric script exponentiated a natural-log NLL in base 2; kept as is in paper mode.
+        return (torch.exp2(mean_nll) if mode == "paper" else torch.exp(mean_nll)).tolist()
+
+    results = mapper(length_sorted_batches([len(x) for x in ids], batch_size), score, desc=f"perplexity ({mode})",
+                     unit="response")
+    return [results[i] for i in range(len(ids))]
 
 
 def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, model_max_length: int = 192,
-                  length_penalty: float = 1.0, batch_size: int = 8) -> dict[str, tuple[list[float], list[float]]]:
+                  length_penalty: float = 1.0, batch_size: int = 8,
+                  mapper: Mapper = local_map) -> dict[str, tuple[list[float], list[float]]]:
     """A policy's own scores of (prompt, chosen, rejected) triples, as RRHF's ranking term sees them.
 
     Returns, per semantics, the chosen and the rejected scores (`rrhf.loss.candidate_scores`: `paper`
@@ -134,43 +123,51 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
     from rrhf.logprobs import group_logprob_sums
     from rrhf.loss import candidate_scores
 
-    out: dict[str, tuple[list[float], list[float]]] = {"paper": ([], []), "official": ([], [])}
-    with eval_mode(model), torch.no_grad():
-        for start in tqdm(range(0, len(pairs), batch_size), desc="policy scores", unit="batch"):
-            for semantics in ("paper", "official"):
-                examples = [tokenize_example({"query": p, "responses": [c, r], "scores": [1.0, 0.0]}, tokenizer,
-                                             semantics=semantics, model_max_length=model_max_length)
-                            for p, c, r in pairs[start:start + batch_size]]
-                sums, lengths = group_logprob_sums(
-                    model, [(e["query_ids"], e["responses_ids"]) for e in examples])
-                pad_lengths = torch.tensor([e["pad_length"] for e in examples])
-                scores = candidate_scores(sums, lengths, semantics=semantics, length_penalty=length_penalty,
-                                          pad_lengths=pad_lengths)
-                out[semantics][0].extend(scores[:, 0].tolist())
-                out[semantics][1].extend(scores[:, 1].tolist())
-    return out
+    @torch.no_grad()
+    def score(chunk: list[int]) -> list[dict[str, list[float]]]:
+        """Per pair: {semantics: [chosen score, rejected score]}."""
+        out: list[dict[str, list[float]]] = [{} for _ in chunk]
+        for semantics in ("paper", "official"):
+            examples = [tokenize_example({"query": pairs[i][0], "responses": list(pairs[i][1:]), "scores": [1.0, 0.0]},
+                                         tokenizer, semantics=semantics, model_max_length=model_max_length)
+                        for i in chunk]
+            with eval_mode(model):
+                sums, lengths = group_logprob_sums(model, [(e["query_ids"], e["responses_ids"]) for e in examples])
+            pad_lengths = torch.tensor([e["pad_length"] for e in examples])
+            scores = candidate_scores(sums, lengths, semantics=semantics, length_penalty=length_penalty,
+                                      pad_lengths=pad_lengths)
+            for row, pair_scores in zip(out, scores.tolist()):
+                row[semantics] = pair_scores
+        return out
+
+    batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
+    results = mapper(batches, score, desc="policy scores", unit="pair")
+    return {semantics: ([results[i][semantics][0] for i in range(len(pairs))],
+                        [results[i][semantics][1] for i in range(len(pairs))]) for semantics in ("paper", "official")}
 
 
 def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: int, max_new_tokens: int,
                         temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
-                        max_prompt_tokens: int = 256, seed: int = 0) -> list[str]:
+                        max_prompt_tokens: int = 256, seed: int = 0, mapper: Mapper = local_map) -> list[str]:
     """Best-of-n (Table 2's Best-of-4 row; Table 8: n samples at inference, none at training).
 
     Samples n responses per prompt, applies the stop cut, and keeps the one the reward model scores
     highest (the first on ties). Batches are seeded by their position, so the draw is reproducible.
     """
-    best = []
-    with eval_mode(model), torch.no_grad():
-        for start in tqdm(range(0, len(prompts), batch_size), desc=f"best-of-{n}", unit="batch"):
-            chunk = list(prompts[start:start + batch_size])
-            batch = left_truncated_batch(tokenizer, chunk, max_prompt_tokens)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            out = sample(model, tokenizer, batch, seed=seed + start, n=n, max_new_tokens=max_new_tokens,
+
+    @torch.no_grad()
+    def pick(chunk: list[int]) -> list[str]:
+        batch = left_truncated_batch(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        with eval_mode(model):
+            out = sample(model, tokenizer, batch, seed=seed + chunk[0], n=n, max_new_tokens=max_new_tokens,
                          temperature=temperature, top_p=top_p)
-            texts = decode_new(tokenizer, out, batch["input_ids"].shape[1])
-            candidates = [stop_cut(t) for t in texts]
-            rewards = scorer.score([p for p in chunk for _ in range(n)], candidates)
-            for i in range(len(chunk)):
-                group = rewards[i * n:(i + 1) * n]
-                best.append(candidates[i * n + group.index(max(group))])
+        candidates = [stop_cut(t) for t in decode_new(tokenizer, out, batch["input_ids"].shape[1])]
+        rewards = scorer.score([prompts[i] for i in chunk for _ in range(n)], candidates)
+        groups = [rewards[k * n:(k + 1) * n] for k in range(len(chunk))]
+        return [candidates[k * n + group.index(max(group))] for k, group in enumerate(groups)]
+
+    batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
+    results = mapper(batches, pick, desc=f"best-of-{n}", unit="prompt")
+    best = [results[i] for i in range(len(prompts))]
     return best

@@ -21,8 +21,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rrhf.artifacts import crash_point, rank, run_stage, write_json_atomic
+from rrhf import placement
+from rrhf.artifacts import run_stage, write_json_atomic
 from rrhf.data import read_jsonl
+from rrhf.launch import crash_point, rank, world_size
+from rrhf.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ def measured(work: Path) -> Iterator[None]:
     finally:
         stop.set()
         watcher.join()
+    if rank() != 0:  # rank 0's cost stands for the launch
+        return
     # The process may hold memory from earlier runs of a sweep: rss_at_start_mib tells how much.
     cost = {"seconds": round(time.time() - started, 2), "peak_rss_mib": round(peak[0] / 2**20, 1),
             "rss_at_start_mib": round(start_rss / 2**20, 1)}
@@ -98,6 +103,17 @@ def _set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
 
 
+def _load_policy(cfg: DictConfig, path: str, where: Placement):
+    from rrhf.assets import load_causal_lm
+
+    return load_causal_lm(path, placement=where, trust_remote_code=cfg.model.trust_remote_code,
+                          device_map=cfg.get("device_map"))
+
+
+def _reward_placement(cfg: DictConfig) -> Placement:
+    return placement.from_config(cfg, dtype=cfg.reward.get("dtype"))
+
+
 def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     """Generate the sampled candidates of the training prompts (None for settings that sample nothing)."""
     s = cfg.sampling
@@ -105,21 +121,20 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
         return None
     from rrhf.sampling import generation_settings
 
+    where = placement.from_config(cfg, dtype=s.get("dtype"))
     inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": model_path,
-              "sampling": generation_settings(_plain(s)),
+              "sampling": generation_settings(_plain(s)), "placement": where.key(),
               "seed": cfg.seed if s.generator in ("top_p", "top_k") else None}
 
     def build(work: Path) -> None:
-        from rrhf.assets import load_causal_lm
-        from rrhf.sampling import generate_candidates
+        from rrhf.sampling import sample_candidates
 
         rows = _prompts(cfg, "train")
         with measured(work):
-            model, tokenizer = load_causal_lm(model_path, trust_remote_code=cfg.model.trust_remote_code)
-            generate_candidates(model, tokenizer, [r["prompt"] for r in rows], s, work / "candidates.jsonl",
-                                seed=cfg.seed)
+            model, tokenizer = _load_policy(cfg, model_path, where)
+            sample_candidates(model, tokenizer, [r["prompt"] for r in rows], s, work, seed=cfg.seed)
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "sample", inputs, build)
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "sample", inputs, build, all_ranks=True)
     return folder
 
 
@@ -128,12 +143,14 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
     s = cfg.sampling
     if s.generator == "file":
         return _file_stage(cfg)
+    where = _reward_placement(cfg)
     inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sampled": sampled.name if sampled else None,
-              "dataset_responses": list(s.dataset_responses), "reward": _plain(cfg.reward)}
+              "dataset_responses": list(s.dataset_responses), "reward": _plain(cfg.reward),
+              "placement": where.key()}
 
     def build(work: Path) -> None:
-        from rrhf.data import with_dataset_responses
-        from rrhf.reward import build_scorer, score_groups
+        from rrhf.data import with_dataset_responses, write_training_file
+        from rrhf.reward import build_scorer, score_in_shards
         from rrhf.sampling import read_candidates
         from rrhf.stats import sample_statistics
 
@@ -141,20 +158,22 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
         generated = read_candidates(sampled / "candidates.jsonl") if sampled else {}
         groups = [with_dataset_responses(generated.get(i, []), row, s.dataset_responses) for i, row in enumerate(rows)]
         with measured(work):
-            all_scores = score_groups(build_scorer(cfg.reward), [r["prompt"] for r in rows], groups)
-        with open(work / "train.jsonl", "w") as handle:
-            scored = []
-            for i, (row, responses, scores) in enumerate(zip(rows, groups, all_scores)):
-                scored.append((scores, len(generated.get(i, []))))
-                handle.write(json.dumps({"query": row["prompt"], "responses": responses, "scores": scores}) + "\n")
-            handle.flush()
-            crash_point("score")
-        stats = {"all": sample_statistics([sc for sc, _ in scored])}
-        if any(n for _, n in scored):
-            stats["sampled"] = sample_statistics([sc[:n] for sc, n in scored if n])
+            prompts = [row["prompt"] for row, group in zip(rows, groups) for _ in group]
+            flat = score_in_shards(build_scorer(cfg.reward, where), prompts, [r for g in groups for r in g], work,
+                                   "scores", desc="scoring candidates", crash_stage="score")
+        scores, at = [], 0
+        for group in groups:
+            scores.append(flat[at:at + len(group)])
+            at += len(group)
+        write_training_file(work / "train.jsonl", ({"query": row["prompt"], "responses": group, "scores": sc}
+                                                   for row, group, sc in zip(rows, groups, scores)))
+        n_sampled = [len(generated.get(i, [])) for i in range(len(rows))]
+        stats = {"all": sample_statistics(scores)}
+        if any(n_sampled):
+            stats["sampled"] = sample_statistics([sc[:n] for sc, n in zip(scores, n_sampled) if n])
         write_json_atomic(work / "stats.json", stats)
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build, all_ranks=True)
     return folder
 
 
@@ -198,11 +217,14 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
     """Fine-tune the policy with the RRHF loss on the scored candidates (OP-k: re-sampled as it trains)."""
     trainer_args = _plain(cfg.trainer.args)
     method_args = _plain(cfg.method.train_args)
+    where = placement.from_config(cfg)
     inputs = {"stage": "train", "model": model_path, "scored": scored.name, "trainer": trainer_args,
-              "method": method_args, "seed": cfg.seed}
+              "method": method_args, "seed": cfg.seed, "device": where.device.type,
+              "world_size": world_size()}  # ranks multiply the batch
     if online:
+        reward_where = _reward_placement(cfg)
         inputs["online"] = {"task": _task_key(cfg, "train"), "sampling": _plain(cfg.sampling),
-                            "reward": _plain(cfg.reward)}
+                            "reward": _plain(cfg.reward), "reward_placement": reward_where.key()}
 
     def build(work: Path) -> None:
         from transformers import TrainerCallback
@@ -216,14 +238,16 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
                 crash_point("train")
 
         # A method's own training settings (e.g. sft's learning rate) win over the profile's.
-        args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed, **(trainer_args | method_args))
+        args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed,
+                             **placement.trainer_device_args(trainer_args | method_args, where.device))
         settings = None
         if online:
             from rrhf.online import OnlineSettings
             from rrhf.reward import build_scorer
 
             settings = OnlineSettings(rows=_prompts(cfg, "train"), sampling=cfg.sampling,
-                                      scorer=build_scorer(cfg.reward), refresh_steps=int(cfg.sampling.refresh_steps),
+                                      scorer=build_scorer(cfg.reward, reward_where),
+                                      refresh_steps=int(cfg.sampling.refresh_steps),
                                       kl_coef=float(cfg.sampling.get("kl_coef") or 0.0), seed=cfg.seed)
         with measured(work):
             train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()],
@@ -236,8 +260,10 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
 def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
     """Fine-tune the policy with PPO (the trlX ppo_hh settings by default) on the training prompts."""
     settings = _plain(cfg.method.ppo)
+    where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
     inputs = {"stage": "ppo", "model": model_path, "task": _task_key(cfg, "train"), "ppo": settings,
-              "reward": _plain(cfg.reward), "seed": cfg.seed}
+              "reward": _plain(cfg.reward), "seed": cfg.seed, "placement": where.key(),
+              "reward_placement": reward_where.key()}
 
     def build(work: Path) -> None:
         from rrhf.ppo import PPOConfig, train_ppo
@@ -247,8 +273,8 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
         # Delta reward against the data set's chosen response (trlX ppo_hh), where the task has one.
         references = [r.get("chosen") or "" for r in rows] if all(r.get("chosen") for r in rows) else None
         with measured(work):
-            train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(cfg.reward), work,
-                      PPOConfig(**settings, seed=cfg.seed))
+            train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(cfg.reward, reward_where), work,
+                      PPOConfig(**settings, seed=cfg.seed), where=where)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build)
     return folder / "model"
@@ -283,59 +309,63 @@ class Evaluated:
 def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
     """Responses to the test prompts (see `Evaluated`), their mean reward and their perplexity under the judge."""
     e = cfg.eval
+    where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
     inputs = {"stage": "evaluate", "policy": target.key, "task": _task_key(cfg, "test"), "eval": _plain(e),
-              "reward": _plain(cfg.reward)}
+              "reward": _plain(cfg.reward), "placement": where.key(), "reward_placement": reward_where.key()}
 
     def build(work: Path) -> None:
         from rrhf.assets import load_causal_lm
+        from rrhf.data import write_jsonl
         from rrhf.evaluation import best_of_n_responses, greedy_responses, perplexities, policy_scores
         from rrhf.generation import stop_cut
-        from rrhf.reward import build_scorer
+        from rrhf.reward import build_scorer, score_in_shards
+        from rrhf.sharding import shard_mapper
         from rrhf.stats import preference_accuracy
 
         rows = _prompts(cfg, "test")
         prompts = [r["prompt"] for r in rows]
         metrics: dict[str, Any] = {"num_prompts": len(prompts)}
-        scorer = build_scorer(cfg.reward)
+        scorer = build_scorer(cfg.reward, reward_where)
         if target.kind == "dataset":
             responses = [stop_cut(r[target.source] or "") for r in rows]
         elif target.kind == "best_of_n":
             m = cfg.method
-            model, tokenizer = load_causal_lm(target.source, trust_remote_code=cfg.model.trust_remote_code)
+            model, tokenizer = _load_policy(cfg, target.source, where)
             responses = best_of_n_responses(model, tokenizer, prompts, scorer, n=m.n, max_new_tokens=e.max_new_tokens,
                                             temperature=m.temperature, top_p=m.top_p, batch_size=m.batch_size,
-                                            max_prompt_tokens=e.max_prompt_tokens, seed=cfg.seed)
+                                            max_prompt_tokens=e.max_prompt_tokens, seed=cfg.seed,
+                                            mapper=shard_mapper(work, "best_of_n", crash_stage="evaluate"))
             del model
         elif target.kind == "policy":
-            model, tokenizer = load_causal_lm(target.source, trust_remote_code=cfg.model.trust_remote_code)
+            model, tokenizer = _load_policy(cfg, target.source, where)
             raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
-                                   batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens)
+                                   batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens,
+                                   mapper=shard_mapper(work, "greedy", crash_stage="evaluate"))
             responses = [stop_cut(r) for r in raw]
-            crash_point("evaluate")
             pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r.get("rejected") is not None]
             if e.rm_accuracy and pairs:
                 length_penalty = float(cfg.method.train_args.get("length_penalty", 1.0))
                 scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length,
-                                       length_penalty=length_penalty)
+                                       length_penalty=length_penalty, mapper=shard_mapper(work, "policy_scores"))
                 for semantics, (chosen, rejected) in scores.items():
                     metrics[f"rm_accuracy_{semantics}"] = preference_accuracy(chosen, rejected)
             del model
         else:
             raise ValueError(f"unknown evaluation target {target}")
-        rewards = scorer.score(prompts, responses)
-        judge, judge_tokenizer = load_causal_lm(e.judge)
-        ppl = {mode: perplexities(responses, judge, judge_tokenizer, mode=mode, batch_size=e.ppl_batch_size)
+        rewards = score_in_shards(scorer, prompts, responses, work, "rewards", desc="scoring responses")
+        judge, judge_tokenizer = load_causal_lm(e.judge, placement=where)
+        ppl = {mode: perplexities(responses, judge, judge_tokenizer, mode=mode, batch_size=e.ppl_batch_size,
+                                  mapper=shard_mapper(work, f"ppl_{mode}"))
                for mode in ("paper", "exact")}
-        with open(work / "responses.jsonl", "w") as handle:
-            for i, prompt in enumerate(prompts):
-                handle.write(json.dumps({"prompt": prompt, "response": responses[i], "reward": rewards[i],
-                                         "ppl_paper": ppl["paper"][i], "ppl_exact": ppl["exact"][i]}) + "\n")
+        write_jsonl(work / "responses.jsonl", ({"prompt": prompt, "response": responses[i], "reward": rewards[i],
+                                                "ppl_paper": ppl["paper"][i], "ppl_exact": ppl["exact"][i]}
+                                               for i, prompt in enumerate(prompts)))
         metrics |= {"reward": sum(rewards) / len(rewards),
                     "ppl_paper": sum(ppl["paper"]) / len(responses),
                     "ppl_exact": sum(ppl["exact"]) / len(responses)}
         write_json_atomic(work / "metrics.json", metrics)
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "evaluate", inputs, build)
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "evaluate", inputs, build, all_ranks=True)
     return {**json.loads((folder / "metrics.json").read_text()), "artifact": str(folder)}
 
 

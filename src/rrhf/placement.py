@@ -44,6 +44,9 @@ def placement(device: str = "auto", dtype: str = "auto") -> Placement:
         return Placement(where, torch.bfloat16 if where.type == "cuda" else torch.float32)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    if where.type == "cpu" and dtype == "float16":
+        # An accelerator precision (gptj-rm-static's on GPUs): CPUs lack fp16 kernels, so they compute in fp32.
+        return Placement(where, torch.float32)
     return Placement(where, DTYPES[dtype])
 
 

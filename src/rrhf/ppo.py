@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from rrhf.assets import load_causal_lm
 from rrhf.generation import STOP_STRINGS, check_context, left_truncated_batch, pad_id, sample, stop_cut
+from rrhf.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -445,11 +446,12 @@ def _load_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
 
 
 def train_ppo(model_path: str, prompts: list[str], references: list[str] | None, scorer, output_dir: Path,
-              config: PPOConfig, *, dtype: torch.dtype = torch.float32) -> Path:
+              config: PPOConfig, *, where: Placement | None = None) -> Path:
     """Train `model_path` with PPO on `prompts`, rewarded by `scorer`; resumes from output_dir/checkpoint.
 
     `references` (the data set's chosen responses) give the delta reward of trlX's ppo_hh. Weights stay
-    fp32; on a GPU a bf16/fp16 `dtype` runs the forward passes under autocast. Returns
+    fp32, on `where.device` (the CPU by default); on a GPU a bf16/fp16 `where.dtype` runs the forward passes under
+    autocast. Returns
     output_dir / "model" (a plain Hugging Face causal-LM folder with the tokenizer: the policy without
     its value head, loadable by AutoModelForCausalLM).
     """
@@ -457,11 +459,12 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     output_dir.mkdir(parents=True, exist_ok=True)
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"{len(references)} references for {len(prompts)} prompts")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    use_autocast = device.type == "cuda" and dtype != torch.float32
+    where = where or Placement(torch.device("cpu"), torch.float32)
+    device = where.device
+    use_autocast = device.type == "cuda" and where.dtype != torch.float32
 
     def autocast():
-        return torch.autocast("cuda", dtype=dtype) if use_autocast else contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=where.dtype) if use_autocast else contextlib.nullcontext()
 
     policy, tokenizer = load_causal_lm(model_path)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)

@@ -1,43 +1,56 @@
-"""Reward scorers: one small interface, `score(prompts, responses) -> list[float]`.
+"""Reward scorers: `score(prompts, responses) -> list[float]`, computed batch by batch.
 
 - `vader`: the offline sentiment of the continuation (the embedded default).
-- `gptj_rm_static`: Dahoas/gptj-rm-static, the paper's HH reward model, as paper-notes section 5 describes.
+- `gptj_rm_static`: Dahoas/gptj-rm-static, the paper's HH reward model (paper-notes section 5).
 - `sequence_classifier`: any Hugging Face sequence-classification model (the IMDB appendix uses the
   positive-class probability of lvwerra/distilbert-imdb).
 
-Model-based scorers run batches of texts sorted by length, so little compute goes to padding.
+A scorer turns each (prompt, response) into the text it scores, forms its batches (model scorers: texts of
+similar length together, so little compute goes to padding) and scores one batch at a time, so a stage can
+divide the batches among ranks (`score_in_shards`) and get the same numbers as one process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-
-class Scorer(Protocol):
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first, so memory peaks at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+from rrhf.placement import Placement
+from rrhf.sharding import length_sorted_batches, map_batches
 
 
-def _scored_in_batches(texts: list[str], lengths: Sequence[int], batch_size: int,
-                       score_batch: Callable[[list[str]], list[float]], *, sort: bool = True) -> list[float]:
-    scores = [0.0] * len(texts)
-    in_order = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
-    for batch in length_sorted_batches(lengths, batch_size) if sort else in_order:
-        for i, value in zip(batch, score_batch([texts[i] for i in batch])):
-            scores[i] = float(value)
-    return scores
+class Scorer:
+    """Base of the scorers: texts, batches, one batch's scores; `score` runs them all in this process."""
+
+    batch_size: int = 1024
+    sort_by_length: bool = False
+
+    def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return list(responses)
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def batches(self, texts: Sequence[str]) -> list[list[int]]:
+        """Indices of `texts` in the batches this scorer runs (longest first, so memory peaks at once)."""
+        if self.sort_by_length:
+            return length_sorted_batches([len(t) for t in texts], self.batch_size, longest_first=True)
+        return [list(range(i, min(i + self.batch_size, len(texts)))) for i in range(0, len(texts), self.batch_size)]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        texts = self.texts(prompts, responses)
+        scores = [0.0] * len(texts)
+        for batch in self.batches(texts):
+            for i, value in zip(batch, self.score_texts([texts[i] for i in batch])):
+                scores[i] = float(value)
+        return scores
 
 
-class VaderScorer:
+class VaderScorer(Scorer):
     """Sentiment of the continuation alone (VADER compound score in [-1, 1]): the offline IMDB reward."""
 
     def __init__(self) -> None:
@@ -45,8 +58,8 @@ class VaderScorer:
 
         self._analyzer = SentimentIntensityAnalyzer()
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        return [float(self._analyzer.polarity_scores(r)["compound"]) for r in responses]
+    def score_texts(self, texts: list[str]) -> list[float]:
+        return [float(self._analyzer.polarity_scores(t)["compound"]) for t in texts]
 
 
 class GPTJRewardModel(nn.Module):
@@ -84,43 +97,40 @@ class GPTJRewardModel(nn.Module):
         return model.to(dtype).eval()
 
 
-class GPTJRMScorer:
+class GPTJRMScorer(Scorer):
     """Dahoas/gptj-rm-static: text `prompt + " " + response + eos`, gpt2 tokenizer, left truncation."""
 
+    sort_by_length = True
+
     def __init__(self, model: GPTJRewardModel, tokenizer, *, max_length: int = 1024, batch_size: int = 8,
-                 device: str = "cpu") -> None:
+                 device: str | torch.device = "cpu") -> None:
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.truncation_side = "left"
         tokenizer.padding_side = "right"
         self.model, self.tokenizer = model.to(device), tokenizer
-        self.max_length, self.batch_size, self.device = max_length, batch_size, device
+        self.max_length, self.batch_size, self.device = max_length, batch_size, torch.device(device)
 
     @classmethod
-    def from_config(cls, cfg: Any) -> GPTJRMScorer:
+    def from_config(cls, cfg: Any, where: Placement) -> GPTJRMScorer:
         from huggingface_hub import hf_hub_download
         from transformers import AutoConfig, AutoTokenizer
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.float16 if device == "cuda" else torch.float32  # fp16 as the authors, on a GPU
         checkpoint = hf_hub_download(cfg.checkpoint_repo, cfg.checkpoint_file)
-        model = GPTJRewardModel.from_checkpoint(AutoConfig.from_pretrained(cfg.backbone), checkpoint, dtype)
+        model = GPTJRewardModel.from_checkpoint(AutoConfig.from_pretrained(cfg.backbone), checkpoint, where.dtype)
         return cls(model, AutoTokenizer.from_pretrained(cfg.tokenizer), max_length=cfg.max_length,
-                   batch_size=cfg.batch_size, device=device)
+                   batch_size=cfg.batch_size, device=where.device)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        eos = self.tokenizer.eos_token
-        texts = [f"{p} {r}{eos}" for p, r in zip(prompts, responses)]
+    def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return [f"{p} {r}{self.tokenizer.eos_token}" for p, r in zip(prompts, responses)]
 
-        @torch.no_grad()
-        def score_batch(batch: list[str]) -> list[float]:
-            ids = self.tokenizer(batch, truncation=True, max_length=self.max_length, padding=True,
-                                 return_tensors="pt").input_ids.to(self.device)
-            return self.model(ids, self.tokenizer.eos_token_id).float().tolist()
-
-        return _scored_in_batches(texts, [len(t) for t in texts], self.batch_size, score_batch)
+    @torch.no_grad()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.model(ids, self.tokenizer.eos_token_id).float().tolist()
 
 
-class SequenceClassifierScorer:
+class SequenceClassifierScorer(Scorer):
     """Probability (or logit) of one label of a sequence-classification model, e.g. IMDB's positive."""
 
     def __init__(self, model, tokenizer, *, label: int = 1, output: str = "prob", text: str = "response",
@@ -133,26 +143,32 @@ class SequenceClassifierScorer:
         self.max_length, self.batch_size, self.sort_by_length = max_length, batch_size, sort_by_length
 
     @classmethod
-    def from_config(cls, cfg: Any) -> SequenceClassifierScorer:
+    def from_config(cls, cfg: Any, where: Placement) -> SequenceClassifierScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.path)
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.path, dtype=where.dtype).to(where.device)
         return cls(model, AutoTokenizer.from_pretrained(cfg.path), label=cfg.label, output=cfg.output,
                    text=cfg.text, max_length=cfg.max_length, batch_size=cfg.batch_size)
 
-    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        texts = responses if self.text == "response" else [p + r for p, r in zip(prompts, responses)]
+    def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return list(responses) if self.text == "response" else [p + r for p, r in zip(prompts, responses)]
 
-        @torch.no_grad()
-        def score_batch(batch: list[str]) -> list[float]:
-            enc = self.tokenizer(batch, truncation=True, max_length=self.max_length, padding=True,
-                                 return_tensors="pt")
-            logits = self.model(**enc).logits.float()
-            values = logits.softmax(-1) if self.output == "prob" else logits
-            return values[:, self.label].tolist()
+    @torch.no_grad()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        logits = self.model(**{k: v.to(device) for k, v in enc.items()}).logits.float()
+        values = logits.softmax(-1) if self.output == "prob" else logits
+        return values[:, self.label].tolist()
 
-        return _scored_in_batches(texts, [len(t) for t in texts], self.batch_size, score_batch,
-                                  sort=self.sort_by_length)
+
+def score_in_shards(scorer: Scorer, prompts: Sequence[str], responses: Sequence[str], work: Path, name: str, *,
+                    desc: str = "scoring", crash_stage: str | None = None) -> list[float]:
+    """`scorer.score`, the batches divided among the ranks of a launch (`rrhf.sharding.map_batches`)."""
+    texts = scorer.texts(prompts, responses)
+    results = map_batches(work, name, scorer.batches(texts), lambda batch: [float(v) for v in scorer.score_texts(
+        [texts[i] for i in batch])], desc=desc, unit="response", crash_stage=crash_stage)
+    return [results[i] for i in range(len(texts))]
 
 
 def score_groups(scorer: Scorer, prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -165,13 +181,14 @@ def score_groups(scorer: Scorer, prompts: Sequence[str], groups: Sequence[Sequen
     return out
 
 
-def build_scorer(cfg: Any) -> Scorer:
-    """The scorer a `reward` config names."""
+def build_scorer(cfg: Any, where: Placement | None = None) -> Scorer:
+    """The scorer a `reward` config names, its model (if any) placed as `where` says (default: CPU, fp32)."""
+    where = where or Placement(torch.device("cpu"), torch.float32)
     if cfg.name == "vader":
         return VaderScorer()
     if cfg.name == "gptj_rm_static":
-        return GPTJRMScorer.from_config(cfg)
+        return GPTJRMScorer.from_config(cfg, where)
     if cfg.name == "sequence_classifier":
-        return SequenceClassifierScorer.from_config(cfg)
+        return SequenceClassifierScorer.from_config(cfg, where)
     raise ValueError(f"reward.name={cfg.name!r}: unknown reward; known: vader, gptj_rm_static, "
                      "sequence_classifier")

@@ -7,19 +7,16 @@ without the dataset flag, so DP and D share one generation job.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
-from rrhf.artifacts import crash_point
 from rrhf.beam_search import diverse_beam_search
-from rrhf.data import read_jsonl
+from rrhf.data import read_jsonl, write_jsonl
 from rrhf.generation import generate_batch
+from rrhf.sharding import map_batches
 
-__all__ = ["diverse_beam_search", "generate_candidates", "generation_settings", "read_candidates"]
+__all__ = ["diverse_beam_search", "generation_settings", "read_candidates", "sample_candidates"]
 
 log = logging.getLogger(__name__)
 
@@ -33,41 +30,21 @@ def generation_settings(sampling: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sampling.items() if k not in NOT_GENERATION_KEYS}
 
 
-def generate_candidates(model, tokenizer, prompts: list[str], cfg: Any, out_file: Path, *, seed: int) -> None:
-    """Append {"index", "responses"} lines to out_file for every prompt not already in it.
+def sample_candidates(model, tokenizer, prompts: list[str], cfg: Any, work: Path, *, seed: int) -> None:
+    """Write work/candidates.jsonl: {"index", "responses"} for every prompt, in prompt order.
 
-    Prompts are sorted by length so a batch wastes little padding; a job killed half-way keeps the
-    lines it wrote and continues after them.
+    Prompts are batched in order of length (little padding); the batches are divided among the ranks of a
+    launch, and a killed job continues after its last complete batch (`rrhf.sharding`). Each batch is
+    seeded by its first prompt, so a sampled generator draws the same whoever draws it.
     """
-    done: set[int] = set()
-    if out_file.exists():
-        # A kill can cut the last line short: keep the complete lines, redo the rest.
-        kept = [line for line in out_file.read_text().splitlines(keepends=True) if _complete(line)]
-        out_file.write_text("".join(kept))
-        done = {json.loads(line)["index"] for line in kept}
-    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(prompts[i]))
-    if done:
-        log.info("sampling: resuming, %d of %d prompts already done", len(done), len(prompts))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     model.eval()
-    bar = tqdm(total=len(prompts), initial=len(done), desc=f"sampling {cfg.name}", unit="prompt")
-    with open(out_file, "a") as handle:
-        for start in range(0, len(todo), cfg.batch_size):
-            chunk = todo[start:start + cfg.batch_size]
-            groups = generate_batch(model, tokenizer, [prompts[i] for i in chunk], cfg, seed=seed + chunk[0])
-            for i, responses in zip(chunk, groups):
-                handle.write(json.dumps({"index": i, "responses": responses}) + "\n")
-            handle.flush()
-            bar.update(len(chunk))
-            crash_point("sample")
-    bar.close()
-
-
-def _complete(line: str) -> bool:
-    try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return line.endswith("\n")
+    results = map_batches(work, "candidates", batches,
+                          lambda batch: generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg,
+                                                       seed=seed + batch[0]),
+                          desc=f"sampling {cfg.name}", unit="prompt", crash_stage="sample")
+    write_jsonl(work / "candidates.jsonl", ({"index": i, "responses": results[i]} for i in range(len(prompts))))
 
 
 def read_candidates(path: Path) -> dict[int, list[str]]:

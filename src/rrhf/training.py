@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 
 from rrhf.collator import RRHFCollator
 from rrhf.data import read_training_file
-from rrhf.online import OnlineRRHFTrainer, OnlineSettings
+from rrhf.online import OnlineRRHFTrainer, OnlineSettings, run_schedule
 from rrhf.trainer import RRHFArguments, RRHFTrainer
 
 
@@ -67,6 +67,13 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # The process group exists before the weights load: ZeRO-3 partitions them while loading, across the ranks.
+    _ = args.device
+    if args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        # On CPU ranks accelerate sets up the torch group without DeepSpeed's handle to it; give it one.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
     # lose small updates.
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -78,7 +85,8 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
             trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
                                   processing_class=tokenizer, callbacks=callbacks)
         else:
-            candidates = online.candidates(records, collator, model, output_dir / "online")
+            candidates = online.candidates(records, collator, model, output_dir / "online",
+                                           run_schedule(len(records), args))
             if resume is not None:
                 candidates.resume_at(int(Path(resume).name.split("-")[-1]))
             trainer = OnlineRRHFTrainer(model=model, args=args, candidates=candidates, collator=collator,
@@ -88,4 +96,9 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
         (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if args.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        # Otherwise every later from_pretrained of this process (the evaluation's) would load ZeRO-3-partitioned.
+        unset_hf_deepspeed_config()
     return final

@@ -1,0 +1,147 @@
+"""Data-parallel work inside a stage: every rank of a launch computes its share of the batches, all get all.
+
+A stage forms its batches exactly as one process would (same order, same members) and hands them to
+`map_batches`. Batch j goes to rank j % world_size. Each rank appends one JSON line per finished batch to its
+own shard file in the stage's work folder, so a killed rank resumes after its last complete batch (a batch
+is written whole or not at all: it is one line). When its share is done a rank leaves a mark, waits for the
+marks of every rank, and reads all shards. Results are therefore the same bytes whatever the number of ranks,
+for any computation that depends only on the batch (greedy, beam and diverse beam generation, seeded
+sampling, scoring), and one process runs the very same code with a share of everything.
+
+Ranks meet through files, not collective calls: the stages before training run before torch.distributed is
+set up, and a rank that waits long for a slower one must not hit a communication timeout. The work folder
+has to be shared by the ranks (one node, or a shared file system across nodes), as the artifacts are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from rrhf.launch import crash_point, launch_id, rank, world_size
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.2
+
+
+def shard_files(work: Path, name: str) -> list[Path]:
+    return sorted(Path(work).glob(f"{name}.shard-*.jsonl"))
+
+
+def _read_shards(work: Path, name: str) -> dict[int, list[Any]]:
+    """Finished batches found in any shard of `name` (of this launch or an earlier one), by batch number."""
+    done: dict[int, list[Any]] = {}
+    for path in shard_files(work, name):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.endswith("\n"):
+                    break  # a line cut short by a kill: that batch is redone
+                row = json.loads(line)
+                done.setdefault(row["batch"], row["results"])
+    return done
+
+
+def _trim(path: Path) -> None:
+    """Drop a last line cut short by a kill, so that appending goes on from a whole line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[:data.rfind(b"\n") + 1])
+
+
+def map_batches(work: Path, name: str, batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]],
+                *, desc: str, unit: str = "item", crash_stage: str | None = None) -> dict[int, Any]:
+    """`compute(batch)` for every batch (a list of item indices; it returns one JSON-serialisable result per
+    item), this rank doing batches j with j % world_size == rank. Returns every item's result by index, on
+    every rank, once all ranks are done."""
+    work, me, world = Path(work), rank(), world_size()
+    done = _read_shards(work, name)
+    mine = [j for j in range(me, len(batches), world) if j not in done]
+    total = sum(len(batches[j]) for j in range(me, len(batches), world))
+    # Rank 0's bar stands for all: it does its share of the same batches.
+    bar = tqdm(total=total, initial=total - sum(len(batches[j]) for j in mine), unit=unit, disable=me != 0,
+               desc=desc if world == 1 else f"{desc} (rank 0 of {world})")
+    if mine and len(mine) < len(range(me, len(batches), world)):
+        log.info("%s: resuming, %d of this rank's batches left", desc, len(mine))
+    shard = work / f"{name}.shard-{me}-of-{world}.jsonl"
+    _trim(shard)
+    with open(shard, "a", encoding="utf-8") as handle:
+        for j in mine:
+            results = compute(list(batches[j]))
+            if len(results) != len(batches[j]):
+                raise RuntimeError(f"{desc}: {len(results)} results for a batch of {len(batches[j])}")
+            handle.write(json.dumps({"batch": j, "results": results}) + "\n")
+            handle.flush()
+            bar.update(len(batches[j]))
+            if crash_stage:
+                crash_point(crash_stage)
+    bar.close()
+    launch = launch_id()
+    (work / f"{name}.done-{me}-of-{world}.{launch}").touch()
+    wait_for(work, [f"{name}.done-{r}-of-{world}.{launch}" for r in range(world)], what=f"{desc}: the other ranks")
+    done = _read_shards(work, name)
+    missing = [j for j in range(len(batches)) if j not in done]
+    if missing:
+        raise RuntimeError(f"{desc}: batches {missing[:5]} have no results although every rank is done")
+    return {i: result for j, batch in enumerate(batches) for i, result in zip(batch, done[j])}
+
+
+class Mapper(Protocol):
+    """How a function runs its batches: `local_map` in this process, or a stage's `shard_mapper`."""
+
+    def __call__(self, batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str,
+                 unit: str = "item") -> dict[int, Any]: ...
+
+
+def local_map(batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str,
+              unit: str = "item") -> dict[int, Any]:
+    """Every batch in this process, in order, with a progress bar: results by item index."""
+    out: dict[int, Any] = {}
+    with tqdm(total=sum(len(b) for b in batches), desc=desc, unit=unit) as bar:
+        for batch in batches:
+            out.update(zip(batch, compute(list(batch))))
+            bar.update(len(batch))
+    return out
+
+
+def shard_mapper(work: Path, name: str, *, crash_stage: str | None = None) -> Mapper:
+    """A Mapper that divides the batches among the ranks of the launch, with shards in `work` named `name`."""
+
+    def run(batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str,
+            unit: str = "item") -> dict[int, Any]:
+        return map_batches(work, name, batches, compute, desc=desc, unit=unit, crash_stage=crash_stage)
+
+    return run
+
+
+def wait_for(folder: Path, names: Sequence[str], *, what: str) -> None:
+    """Block until every file in `names` exists in `folder` (logging now and then while waiting)."""
+    started, told = time.monotonic(), 0.0
+    while not all((Path(folder) / n).exists() for n in names):
+        waited = time.monotonic() - started
+        if waited - told > 60:
+            log.info("waiting for %s (%.0f s)", what, waited)
+            told = waited
+        time.sleep(POLL_SECONDS)
+
+
+def clean(work: Path) -> None:
+    """Remove the shards and marks once the stage's own files hold the results."""
+    for path in Path(work).glob("*.shard-*.jsonl"):
+        path.unlink()
+    for path in Path(work).glob("*.done-*-of-*.*"):
+        path.unlink()
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int, *, longest_first: bool = False) -> list[list[int]]:
+    """Item indices in batches of similar length (little padding); ties keep their input order."""
+    order = sorted(range(len(lengths)), key=(lambda i: -lengths[i]) if longest_first else (lambda i: lengths[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
