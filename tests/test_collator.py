@@ -108,22 +108,75 @@ def test_official_rules_without_bos():
 def test_paper_rules():
     tok = make_tokenizer(add_bos=True)
     example = {"query": "a b c", "responses": ["d e", "f g h i j k"], "scores": [0.0, 1.0]}
-    out = tokenize_example(example, tok, semantics="paper", model_max_length=8)
-    # Responses: no BOS, exactly one EOS; budget 8 - 4 = 4 cuts the second one (EOS lost).
+    out = tokenize_example(example, tok, semantics="paper", max_prompt_tokens=8, max_response_tokens=4)
+    # Responses: no BOS, at most max_response_tokens of text, then exactly one EOS (never lost).
     assert out["query_ids"] == [BOS] + ids("a b c")
-    assert out["responses_ids"] == [ids("d e") + [EOS], ids("f g h i")]
-    assert out["pad_length"] == 8
+    assert out["responses_ids"] == [ids("d e") + [EOS], ids("f g h i") + [EOS]]
+    assert out["pad_length"] == 4 + 5
 
 
 def test_paper_rules_keep_the_end_of_a_long_query_and_its_bos():
+    from rrhf.generation import prompt_ids
+
     tok = make_tokenizer(add_bos=True)
     example = {"query": "a b c d e f g", "responses": ["h i"], "scores": [0.0]}
-    out = tokenize_example(example, tok, semantics="paper", model_max_length=5)
-    # At most max_len - 1 = 4 query tokens: BOS and the last three words; one token left for the response.
-    assert out["query_ids"] == [BOS] + ids("e f g")
-    assert out["responses_ids"] == [ids("h")]
-    no_bos = tokenize_example(example, make_tokenizer(add_bos=False), semantics="paper", model_max_length=5)
-    assert no_bos["query_ids"] == ids("d e f g") and no_bos["responses_ids"] == [ids("h")]
+    out = tokenize_example(example, tok, semantics="paper", max_prompt_tokens=4)
+    # At most 4 query tokens, as sampling truncates prompts: BOS and the last three words; the response whole.
+    assert out["query_ids"] == [BOS] + ids("e f g") == prompt_ids(tok, example["query"], 4)
+    assert out["responses_ids"] == [ids("h i") + [EOS]]
+    no_bos = tokenize_example(example, make_tokenizer(add_bos=False), semantics="paper", max_prompt_tokens=4)
+    assert no_bos["query_ids"] == ids("d e f g") and no_bos["responses_ids"] == [ids("h i") + [EOS]]
+
+
+def test_paper_rules_keep_every_response_token_after_a_300_token_prompt():
+    # Issue 14 item 3: with the old rule a prompt of 191 tokens or more left a budget of one token, so
+    # every response became one token. The defaults are the HH settings (192 / 256 / 128).
+    tok = make_tokenizer(add_bos=True)
+    words = WORDS * 15  # 300 words
+    response = "q r s t " * 10  # 40 tokens
+    example = {"query": " ".join(words), "responses": [response, "p"], "scores": [1.0, 0.0]}
+    out = tokenize_example(example, tok, semantics="paper", model_max_length=192)
+    assert out["responses_ids"] == [ids(response) + [EOS], ids("p") + [EOS]]
+    # The query keeps its BOS and its last 255 tokens: the end, which the responses answer.
+    assert out["query_ids"] == [BOS] + ids(" ".join(words[-255:]))
+    official = tokenize_example(example, tok, semantics="official", model_max_length=192)
+    assert len(official["query_ids"]) == 192  # the authors' rule is unchanged: first 192 query tokens
+
+
+def test_pad_responses_count_in_the_padded_length_only():
+    # The authors padded DP's six rows before only_use_provide dropped four: L_pad counts the dropped ones.
+    tok = make_tokenizer(add_bos=True)
+    example = {"query": "a b", "responses": ["c", "d"], "scores": [1.0, 0.0], "pad_responses": ["e f g h i j"]}
+    for semantics in ("official", "paper"):
+        out = tokenize_example(example, tok, semantics=semantics)
+        assert len(out["responses_ids"]) == 2
+        bos = [BOS] if semantics == "official" else []
+        assert out["pad_length"] == 3 + len(bos) + 6 + 1
+    alone = {k: v for k, v in example.items() if k != "pad_responses"}
+    batch = RRHFCollator(tok, semantics="official")([example, alone])
+    assert batch["pad_lengths"].tolist() == [3 + 8, 3 + 3] and batch["valid"].tolist() == [[True, True]] * 2
+
+
+def test_training_group_and_pad_responses_in_the_training_file(tmp_path):
+    from rrhf.data import training_group, write_training_file
+
+    row = {"prompt": "q", "chosen": "c", "rejected": "r"}
+    sampled, fields = ["s1", "s2"], ["chosen", "rejected"]
+    assert training_group(sampled, row, fields) == (["s1", "s2", "c", "r"], [])
+    assert training_group(sampled, row, fields, train_on="sampled") == (["s1", "s2"], [])  # D
+    assert training_group(sampled, row, fields, train_on="provided") == (["c", "r"], [])  # P
+    assert training_group(sampled, row, fields, train_on="provided", pad_over_group=True) == (["c", "r"], sampled)
+    assert training_group(sampled, row, fields, train_on="sampled", pad_over_group=True) == (sampled, ["c", "r"])
+    with pytest.raises(ValueError, match="train_on"):
+        training_group(sampled, row, fields, train_on="some")
+    path = tmp_path / "train.jsonl"
+    rows = [{"query": "q", "responses": ["c", "r"], "scores": [1.0, 0.0], "pad_responses": sampled},
+            {"query": "q", "responses": ["c"], "scores": [1.0], "pad_responses": []}]
+    write_training_file(path, rows)
+    assert read_training_file(path) == [rows[0], {"query": "q", "responses": ["c"], "scores": [1.0]}]
+    path.write_text(json.dumps({"query": "q", "responses": ["c"], "scores": [1], "pad_responses": [3]}) + "\n")
+    with pytest.raises(ValueError, match="pad_responses"):
+        read_training_file(path)
 
 
 # ---- the collator ------------------------------------------------------------------------------------

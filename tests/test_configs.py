@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings"]
+GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings", "preset"]
 
 
 def _options(group: str) -> list[str]:
@@ -61,9 +61,82 @@ def test_default_is_embedded_and_paper_like() -> None:
 
 
 def test_dp_and_d_share_generation_settings() -> None:
-    dp, d = _compose(["sampling=DP"]).sampling, _compose(["sampling=D"]).sampling
-    keep = lambda s: {k: v for k, v in s.items() if k not in ("name", "dataset_responses")}  # noqa: E731
-    assert keep(dp) == keep(d) and list(dp.dataset_responses) == ["chosen", "rejected"] and not d.dataset_responses
+    from rrhf.sampling import generation_settings
+
+    dp, d, p = (_compose([f"sampling={name}"]).sampling for name in ("DP", "D", "P"))
+    plain = lambda s: generation_settings(OmegaConf.to_container(s, resolve=True))  # noqa: E731
+    assert plain(dp) == plain(d) == plain(p) and list(dp.dataset_responses) == ["chosen", "rejected"]
+    # D and P are parts of DP's group, as the authors trained them from one file (train.py:259-270).
+    assert (dp.train_on, d.train_on, p.train_on) == ("all", "sampled", "provided")
+
+
+def _leaves(cfg, prefix: str = "") -> dict:
+    if not isinstance(cfg, dict) or not cfg:
+        return {prefix.rstrip("."): cfg}
+    return {k: v for key, value in cfg.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+def test_paper_scale_ppo_runs_trlx_budget() -> None:
+    # Issue 14 item 1: ppo_hh's train.total_steps (10,000 optimiser steps) in rounds of num_rollouts / batch_size
+    # minibatches x ppo_epochs updates; the findings arm keeps its own small budget.
+    ppo = _compose(["experiment=table2", "method=ppo"]).method.ppo
+    per_round = ppo.num_rollouts // ppo.batch_size * ppo.ppo_epochs
+    assert per_round == 64 and ppo.iterations == 10000 // per_round == 156
+    # Item 6: PPO as trlX v0.6.0 ran it when the paper's numbers were made.
+    assert not ppo.delta_reward and ppo.update_order == "minibatch" and ppo.controller_kl == "token_mean"
+    assert ppo.max_prompt_tokens == 1024 - 128 and ppo.prompt_bos == "none" and ppo.reward_separator == ""
+    assert ppo.max_new_tokens == 128 and ppo.target == 6.0 and ppo.init_kl_coef == 0.05
+    assert _compose(["experiment=findings", "findings=ppo"]).method.ppo.iterations == 8
+
+
+def test_alpaca_sft_is_trlx_sft_hh() -> None:
+    # Issue 14 item 7.
+    cfg = _compose(["experiment=alpaca_sft"])
+    args = cfg.method.train_args
+    assert cfg.method.name == "sft" and cfg.method.source == "Dahoas/full-hh-rlhf" and cfg.model.name == "alpaca"
+    assert args.objective == "lm" and args.model_max_length == 1024 and args.max_steps == 10000
+    assert args.learning_rate == 1e-6 and args.lr_scheduler_type == "constant" and args.warmup_steps == 0
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay) == (0.9, 0.95, 1e-8, 1e-6)
+    assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 1
+    assert args.train_sampling_strategy == "sequential"
+    offline = _compose(["method=sft"])  # the embedded default fine-tunes on its own data, for its epochs
+    assert offline.method.source is None and offline.task.name == "imdb_offline" and "max_steps" not in \
+        offline.method.train_args
+
+
+def test_imdb_is_the_rl4lms_task() -> None:
+    # Issue 14 item 8: prompts, reward text, generation and perplexity as RL4LMs' IMDB task.
+    cfg = _compose(["experiment=imdb"])
+    assert cfg.task.prefix.rule == "rl4lms" and cfg.task.prefix.prompt_fraction == 0.5
+    assert cfg.task.prefix.shuffle_seed == 42 and cfg.task.prefix.train_fraction == 0.8 and cfg.task.test_size == 5000
+    assert cfg.reward.text == "prompt+response" and cfg.reward.separator == "" and cfg.reward.truncation_side == "left"
+    assert (cfg.eval.max_prompt_tokens, cfg.eval.min_new_tokens, cfg.eval.max_new_tokens) == (64, 48, 48)
+    assert cfg.eval.reference_ppl and not cfg.eval.stop_cut
+    for setting in ("imdb_BP", "imdb_B", "imdb_OP-128", "imdb_OP-128+KL"):
+        s = _compose(["experiment=imdb", f"sampling={setting}"]).sampling
+        assert (s.max_prompt_tokens, s.min_new_tokens, s.max_new_tokens) == (64, 48, 48), setting
+
+
+def test_authors_preset_sets_each_switch_and_nothing_else() -> None:
+    # Issue 14 item 9: every switch preset=authors sets, from the paper's value to the authors' code's.
+    paper, authors = _leaves(_plain(_compose([]))), _leaves(_plain(_compose(["preset=authors"])))
+    assert {k: (paper[k], authors[k]) for k in paper if paper[k] != authors[k]} == {
+        "method.train_args.semantics": ("paper", "official"),
+        "sampling.stop_at_eos": (True, False),
+        "sampling.dtype": ("auto", "bfloat16"),
+        "sampling.prompt_bos": ("keep", "cut"),
+        "sampling.pad_over_group": (False, True),
+        "sampling.add_pad_token": (False, True),
+        "trainer.args.add_pad_token": (False, True),
+    }
+    assert set(authors) == set(paper)
+    for overrides in (["sampling=P"], ["sampling=D"], ["sampling=BP"], ["experiment=table6"], ["method=ppo"]):
+        cfg = _compose(["preset=authors", *overrides])
+        assert cfg.method.train_args.semantics == "official" and cfg.sampling.stop_at_eos is False, overrides
 
 
 def test_unknown_option_fails_with_its_name() -> None:

@@ -70,11 +70,11 @@ def test_baseline_methods_run_through_run_py(method: str, tmp_path: Path) -> Non
     _run(tmp_path, f"method={method}", "name=baseline")
     metrics = json.loads((tmp_path / "results" / "baseline" / f"method={method}" / "metrics.json").read_text())
     assert metrics["final"]["artifact"] != metrics["initial"]["artifact"]
-    if method == "sft":  # one candidate a query, the data set's chosen response, no ranking term
+    if method == "sft":  # the data set's chosen response, trained with the plain next-token loss (trlX sft_hh)
         score = next((tmp_path / "artifacts" / "score").glob("*/train.jsonl")).read_text().splitlines()
         assert all(len(json.loads(line)["responses"]) == 1 for line in score)
         log = json.loads(Path(metrics["train_log"]).read_text())
-        assert all(entry["rank_loss"] == 0 for entry in log if "rank_loss" in entry)
+        assert any("loss" in entry for entry in log) and not any("rank_loss" in entry for entry in log)
     table2 = (tmp_path / "tables" / "table2_vs_paper.csv").read_text()
     if method == "best_of_n":
         assert "alpaca-best_of_4,Alpaca,Best-of-4,tiny / imdb_offline" in table2
@@ -92,3 +92,18 @@ def test_iterated_sampling_trains_each_iteration_from_the_last(tmp_path: Path) -
     first_model = str(Path(first["train_log"]).parent / "model")
     # Iteration 2 samples with, and starts training from, iteration 1's model.
     assert made_from("train") == made_from("sample") == sorted(["embedded:tiny", first_model])
+
+
+def test_authors_preset_trains_p_on_dps_padded_group(tmp_path: Path) -> None:
+    # preset=authors (issue 14 item 9): P trains on chosen and rejected of DP's six-candidate group, whose
+    # other four rows (sampled past EOS) still set the official loss's padded length.
+    _run(tmp_path, "preset=authors", "sampling=P", "name=authors")
+    metrics = json.loads(next((tmp_path / "results" / "authors").rglob("metrics.json")).read_text())
+    sampled = [json.loads(line) for line in
+               next((tmp_path / "artifacts" / "sample").glob("*/candidates.jsonl")).read_text().splitlines()]
+    assert all(len(row["responses"]) == 4 for row in sampled)
+    rows = [json.loads(line) for line in Path(metrics["candidates"]).read_text().splitlines()]
+    assert all(len(row["responses"]) == 2 and len(row["pad_responses"]) == 4 for row in rows)
+    by_index = {row["index"]: row["responses"] for row in sampled}
+    assert [row["pad_responses"] for row in rows] == [by_index[i] for i in range(len(rows))]
+    assert "sampled" not in metrics["samples"]  # Table 6's statistics: the two trained candidates only

@@ -12,15 +12,20 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rrhf.generation import trlx_stop_cut
 from rrhf.ppo import (
     AdaptiveKLController,
     PPOConfig,
     RunningMoments,
+    _round_kl,
+    controller_kl,
     freeze_bottom_layers,
     gae,
     ppo_loss,
     response_tokens,
     train_ppo,
+    update_schedule,
+    whiten,
 )
 
 
@@ -127,16 +132,73 @@ class _CharTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(i) for i in ids if i != self.eos_token_id)
 
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
 
-def test_response_tokens_match_the_scored_text() -> None:
+
+def _chars(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+def test_trlx_stop_rule() -> None:
+    # trlX (ppo_hh at v0.6.0): "Human:" / "Assistant:" and their lower case anywhere, cut, right-strip only.
+    assert trlx_stop_cut(" nice film\n\nHuman: and more") == (" nice film", True)
+    assert trlx_stop_cut(" I told the Human: no") == (" I told the", True)  # no blank line needed
+    assert trlx_stop_cut(" ok.\nassistant: sure\nHuman: x") == (" ok.", True)
+    assert trlx_stop_cut(" one human: two") == (" one", True)
+    assert trlx_stop_cut(" plain answer \n") == (" plain answer \n", False)  # nothing cut, nothing stripped
+    assert trlx_stop_cut("Assistant: hi") == ("", True)
+
+
+def test_response_tokens_as_trlx_makes_them() -> None:
     tok = _CharTokenizer()
-    ids = [ord(c) for c in " nice film\n\nHuman: and more"]
-    kept, text = response_tokens(tok, ids)
-    assert text == "nice film" and tok.decode(kept).strip() == text and kept[-1] == 0
-    kept, text = response_tokens(tok, [ord(c) for c in " done"] + [0, 0, 0])  # EOS, then padding
-    assert (kept, text) == ([ord(c) for c in " done"] + [0], "done")
-    kept, text = response_tokens(tok, [ord(c) for c in "\n\nAssistant: hi"])  # nothing before the stop
-    assert text == "" and len(kept) >= 1 and kept[-1] == 0
+    kept, text = response_tokens(tok, _chars(" nice film\n\nHuman: and more"))
+    assert text == " nice film" and kept == _chars(" nice film") + [0]  # cut: the text's tokens, then EOS
+    kept, text = response_tokens(tok, _chars(" done") + [0, 0, 0])  # EOS, then padding
+    assert (kept, text) == (_chars(" done") + [0], " done")
+    kept, text = response_tokens(tok, _chars(" ran out"))  # max_new_tokens reached: no EOS
+    assert (kept, text) == (_chars(" ran out"), " ran out")
+    kept, text = response_tokens(tok, _chars("\n\nAssistant: hi"))  # nothing before the stop
+    assert (kept, text) == ([0], "")
+
+
+def test_update_order() -> None:
+    rng = lambda: __import__("random").Random(7)  # noqa: E731
+    # trlX v0.6.0: each minibatch gets ppo_epochs consecutive updates; the controller moves after each minibatch.
+    steps = update_schedule(8, 4, 3, "minibatch", rng())
+    assert len(steps) == 6
+    assert steps[0][0] == steps[1][0] == steps[2][0] != steps[3][0] == steps[4][0] == steps[5][0]
+    assert [move for _, move in steps] == [False, False, True, False, False, True]
+    assert sorted(steps[0][0] + steps[3][0]) == list(range(8))
+    # From 2023-07-31: ppo_epochs passes over all minibatches, freshly shuffled; the controller after each pass.
+    steps = update_schedule(8, 4, 3, "epoch", rng())
+    assert len(steps) == 6 and [move for _, move in steps] == [False, True] * 3
+    for epoch in range(3):
+        assert sorted(steps[2 * epoch][0] + steps[2 * epoch + 1][0]) == list(range(8))
+    assert len({tuple(mb) for mb, _ in steps}) > 2  # reshuffled between passes
+    with pytest.raises(ValueError, match="update_order"):
+        PPOConfig(update_order="rounds")
+
+
+def test_controller_kl_is_trlx_k3_estimate() -> None:
+    # Two rows of log pi - log rho over every token after the first (0 = padding).
+    log_ratio = torch.tensor([[0.1, -0.2, 0.3, 0.0], [0.5, 0.0, 0.0, 0.0]])
+    k3 = log_ratio.exp() - 1 - log_ratio
+    # v0.6.0: the mean over the chunk's padded grid, 2 rows x (prompt width 3 + response width 2 - 1).
+    assert controller_kl(log_ratio, 3, 2, "token_mean") == pytest.approx(k3.sum().item() / (2 * 4))
+    # From 2023-04-20: summed over each row, averaged over rows.
+    assert controller_kl(log_ratio, 3, 2, "sequence_sum") == pytest.approx(k3.sum(1).mean().item())
+    # A round: v0.6.0 keeps the last chunk's value; later trlX squares the mean of the chunks' square roots.
+    assert _round_kl([0.04, 0.09], "token_mean") == 0.09
+    assert _round_kl([0.04, 0.09], "sequence_sum") == pytest.approx(((0.2 + 0.3) / 2) ** 2)
+    assert _round_kl([], "token_mean") is None
+
+
+def test_whiten_counts_the_padding_as_trlx() -> None:
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])  # row 2 is one token, then padding
+    values = x.flatten()
+    expected = (x - values.mean()) / (values.var(unbiased=True) + 1e-8).sqrt()
+    assert torch.allclose(whiten(x), expected)
 
 
 def test_freeze_bottom_layers() -> None:
@@ -275,3 +337,49 @@ def test_saved_model_is_a_plain_causal_lm(two_rounds: Path) -> None:
     assert torch.equal(saved["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
     assert torch.equal(saved["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
     assert not torch.equal(saved["model.layers.1.mlp.up_proj.weight"], initial["model.layers.1.mlp.up_proj.weight"])
+
+
+class RecordingScorer:
+    """Scores a response by its number of words and remembers every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[str]]] = []
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        self.calls.append((list(prompts), list(responses)))
+        return [float(len(r.split())) for r in responses]
+
+
+@pytest.mark.parametrize("delta", [False, True])
+def test_reward_form(word_model: Path, tmp_path: Path, delta: bool) -> None:
+    # trlX v0.6.0 (the paper's PPO numbers) rewards RM(prompt + output); ppo_hh from 2023-04-10 on subtracts
+    # RM(prompt + chosen). The reward model sees the prompt decoded from its tokens (no BOS: trlX adds none).
+    references = ["good movie", "bad plot is not fun", "great", "the acting was very dull"]
+    scorer = RecordingScorer()
+    config = PPOConfig(iterations=1, num_rollouts=4, chunk_size=4, batch_size=4, ppo_epochs=1, max_new_tokens=3,
+                       init_kl_coef=0.0, target=None, num_layers_unfrozen=-1, delta_reward=delta)
+    train_ppo(str(word_model), BANDIT_PROMPTS, references, scorer, tmp_path, config)
+    (prompts, outputs), *rest = scorer.calls
+    assert sorted(prompts) == sorted(BANDIT_PROMPTS)
+    row = json.loads((tmp_path / "log_history.json").read_text())[0]
+    assert row["mean_score"] == pytest.approx(np.mean([len(o.split()) for o in outputs]))
+    if not delta:
+        assert rest == [] and row["mean_reward_delta"] == row["mean_score"]
+    else:
+        (ref_prompts, ref_outputs), = rest
+        by_prompt = dict(zip(BANDIT_PROMPTS, references))
+        assert ref_outputs == [by_prompt[p] for p in ref_prompts]
+        reference_scores = {p: len(r.split()) for p, r in by_prompt.items()}
+        assert row["mean_reward_delta"] == pytest.approx(
+            row["mean_score"] - np.mean([reference_scores[p] for p in prompts]))
+
+
+def test_adaptive_controller_moves_once_per_minibatch(word_model: Path, tmp_path: Path) -> None:
+    # trlX v0.6.0: after each minibatch's ppo_epochs updates, from the round's k3 estimate (far below the
+    # target of 6 here, so the error clips at -0.2): 8 rollouts / 4 = 2 moves in one round.
+    config = PPOConfig(iterations=1, num_rollouts=8, chunk_size=4, batch_size=4, ppo_epochs=3, max_new_tokens=3,
+                       learning_rate=1e-3, num_layers_unfrozen=-1)
+    train_ppo(str(word_model), BANDIT_PROMPTS, None, RecordingScorer(), tmp_path, config)
+    row = json.loads((tmp_path / "log_history.json").read_text())[0]
+    assert 0 <= row["controller_kl"] < 6.0
+    assert row["kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 4 / 10000) ** 2)

@@ -84,6 +84,30 @@ def test_gptj_rm_truncates_on_the_left(rm_checkpoint) -> None:
     assert scorer.score([long_prompt], ["great"]) == scorer.score(["a b c d"], ["great"])
 
 
+def test_gptj_rm_joins_with_its_separator(rm_checkpoint) -> None:
+    # The authors' scoring joins prompt and response with a space; trlX's PPO joins them with nothing.
+    config, checkpoint = rm_checkpoint
+    model = GPTJRewardModel.from_checkpoint(config, str(checkpoint))
+    spaced = GPTJRMScorer(model, _tokenizer(eos_token="<|endoftext|>"))
+    joined = GPTJRMScorer(model, _tokenizer(eos_token="<|endoftext|>"), separator="")
+    assert joined.score(["Human: the film "], ["was great"]) == spaced.score(["Human: the film"], ["was great"])
+    assert joined.score(["Human: the film"], ["was great"]) != spaced.score(["Human: the film"], ["was great"])
+
+
+def test_sequence_classifier_scores_prompt_and_response_as_rl4lms() -> None:
+    # RL4LMs' IMDB reward: the classifier reads prompt + generation, joined as they are, cut from the left.
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=len(WORDS) + 2, dim=16, hidden_dim=32, n_layers=1, n_heads=2, num_labels=2, pad_token_id=0))
+    tokenizer = _tokenizer(pad_token="<|endoftext|>")
+    scorer = SequenceClassifierScorer(model, tokenizer, text="prompt+response", max_length=4, truncation_side="left")
+    got = scorer.score(["a b c d the film", "the"], [" was great", " plot"])
+    with torch.no_grad():
+        tail = model(**tokenizer("the film was great", return_tensors="pt")).logits[0].softmax(-1)[1]
+        short = model(**tokenizer("the plot", return_tensors="pt")).logits[0].softmax(-1)[1]
+    assert got == pytest.approx([float(tail), float(short)], abs=1e-5)
+
+
 def test_sequence_classifier_probability_of_the_label() -> None:
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(DistilBertConfig(

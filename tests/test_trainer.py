@@ -170,11 +170,63 @@ def test_profiles_are_valid_arguments(name, tmp_path):
         assert config["zero_optimization"]["stage"] == int(name[-1])
 
 
+def test_sft_objective_is_trlx_next_token_loss_over_prompt_and_response(assets, tmp_path):
+    # trlX sft_hh (issue 14 item 7): prompt + chosen joined as they are, no special tokens, the last
+    # model_max_length tokens, every token a label, the batch's mean token NLL; batches in file order.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rrhf.collator import LMCollator
+
+    model_dir, _ = assets
+    rng = random.Random(1)
+    rows = [{"query": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))),
+             "responses": [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))], "scores": [1.0]}
+            for _ in range(8)]
+    train_file = tmp_path / "sft.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = cpu_args(tmp_path, objective="lm", model_max_length=6, bf16=False, max_steps=1, learning_rate=1e-6,
+                    per_device_train_batch_size=4, train_sampling_strategy="sequential", logging_steps=1)
+    train(model_dir, train_file, tmp_path, args=args)
+    logged = json.loads((tmp_path / "log_history.json").read_text())[0]["loss"]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    nll, count = 0.0, 0
+    for row in rows[:4]:
+        ids = tokenizer(row["query"] + row["responses"][0], add_special_tokens=False).input_ids[-6:]
+        assert tokenizer.bos_token_id not in ids and tokenizer.eos_token_id not in ids
+        with torch.no_grad():
+            logprobs = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+        nll -= logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item()
+        count += len(ids) - 1
+    assert logged == pytest.approx(nll / count, abs=1e-4)
+    batch = LMCollator(tokenizer, max_length=6)(rows[:2])
+    assert (batch["labels"] == torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)).all()
+
+
+def test_authors_pad_token_in_training(assets, tmp_path):
+    # train.py:296-301: a tokenizer without a pad token gains [PAD]; the trained model keeps the extra row.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, train_file = assets
+    no_pad = tmp_path / "no_pad"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(no_pad)
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(no_pad)
+    saved = train(no_pad, train_file, tmp_path / "out", args=cpu_args(tmp_path / "out", max_steps=1,
+                                                                     add_pad_token=True))
+    assert AutoTokenizer.from_pretrained(saved).pad_token == "[PAD]"
+    assert AutoModelForCausalLM.from_pretrained(saved).get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
+
+
 def test_rrhf_arguments_reject_unknown_options(tmp_path):
     with pytest.raises(ValueError, match="semantics"):
         RRHFArguments(output_dir=str(tmp_path), semantics="wrong", use_cpu=True)
     with pytest.raises(ValueError, match="layout"):
         RRHFArguments(output_dir=str(tmp_path), layout="wrong", use_cpu=True)
+    with pytest.raises(ValueError, match="objective"):
+        RRHFArguments(output_dir=str(tmp_path), objective="wrong", use_cpu=True)
 
 
 def free_port() -> int:

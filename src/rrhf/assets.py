@@ -121,17 +121,35 @@ def build_tiny_model(out: Path) -> None:
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
 
 
+def add_pad_token(model, tokenizer) -> bool:
+    """The authors' pad token (train.py:296-301, response_gen.py:173-178; paper-notes section 2).
+
+    When the tokenizer has none, "[PAD]" joins the vocabulary and the model gains an input and an output
+    embedding row, each the mean of the existing rows. The new row also enters every softmax over the
+    vocabulary, so log-probabilities move slightly. Returns whether a token was added.
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
+            embedding.weight[-1] = embedding.weight[:-1].mean(dim=0)
+    return True
+
+
 def default_data_dir() -> Path:
     """The offline data set shipped in the repository (data/imdb_offline)."""
     return PROJECT_ROOT / "data" / "imdb_offline"
 
 
 def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remote_code: bool = False,
-                   device_map: str | dict | None = None):
+                   device_map: str | dict | None = None, authors_pad: bool = False):
     """Load a causal LM and its tokenizer from a config's `model.path` (folder, Hub name or embedded:*).
 
     The model comes in the placement's precision, on its device (the CPU in fp32 without one); with a
-    `device_map` (e.g. "auto", for a model larger than one device) accelerate spreads it instead.
+    `device_map` (e.g. "auto", for a model larger than one device) accelerate spreads it instead. A
+    tokenizer without a pad token pads with EOS, or with `authors_pad` gains the authors' [PAD] token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,6 +166,8 @@ def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remot
             raise ValueError(f"model path {path!r} needs code from its repository to load; that is off by "
                              "default: set model.trust_remote_code=true to opt in") from error
         raise
+    if authors_pad:
+        add_pad_token(model, tokenizer)
     if device_map is None:
         model.to(placement.device)
     if tokenizer.pad_token is None:

@@ -5,7 +5,9 @@ task is built into the same schema: a review's first tokens are the prompt, the 
 `chosen`, and there is no `rejected` (None).
 
 A training file has the authors' format: one JSON object a line, {"query": str, "responses": [str, ...],
-"scores": [float, ...]}; `read_training_file` and `write_training_file` are its one reader and writer.
+"scores": [float, ...]}; `read_training_file` and `write_training_file` are its one reader and writer. A line
+may also hold "pad_responses": the rest of the authors' six-candidate group when P or D trains on a part of
+it, which only sets the padded row length of the official loss (paper-notes section 2).
 """
 
 from __future__ import annotations
@@ -29,12 +31,17 @@ def load_split(source: str | Path, split: str, *, limit: int | None = None) -> l
     if folder.is_dir():
         rows = read_jsonl(folder / f"{split}.jsonl", _check_row)
     else:
-        import datasets
-
-        rows = [dict(r) for r in datasets.load_dataset(str(source), split=split)]
+        rows = hub_rows(str(source), split)
         for i, row in enumerate(rows):
             _check_row(row, f"{source}[{split}] row {i}")
     return rows if limit is None else rows[:limit]
+
+
+def hub_rows(name: str, split: str) -> list[dict[str, Any]]:
+    """The rows of one split of a Hugging Face data set: the one place the project loads Hub data."""
+    import datasets
+
+    return [dict(r) for r in datasets.load_dataset(name, split=split)]
 
 
 def read_jsonl(path: str | Path, check: Callable[[Any, str], None] | None = None) -> list[dict[str, Any]]:
@@ -84,32 +91,84 @@ def _check_row(row: Any, where: str) -> None:
         raise ValueError(f"{where}: empty prompt")
 
 
-def imdb_prefix_rows(source: str, split: str, *, tokenizer_name: str, prefix_tokens: int,
-                     limit: int | None = None) -> list[dict[str, Any]]:
-    """IMDB reviews as prompt (the first `prefix_tokens` tokens) and continuation (the rest).
+IMDB_RULES = ("rl4lms", "tokens")
 
-    paper-notes section 8: prompts are review prefixes of at most 64 tokens; the data set's continuation is
-    the review's own text after them, which Table 10's "BP" setting adds to the sampled candidates.
+
+def imdb_prefix_rows(source: str, split: str, *, rule: str = "rl4lms", limit: int | None = None,
+                     prompt_fraction: float = 0.5, shuffle_seed: int | None = 42, train_fraction: float = 0.8,
+                     tokenizer: str | None = None, prefix_tokens: int | None = None) -> list[dict[str, Any]]:
+    """IMDB reviews as prompts and continuations, with the whole review kept as `reference`.
+
+    rule "rl4lms" (default; RL4LMs' IMDB data pool, paper-notes section 8): the reviews of the split are
+    shuffled with `shuffle_seed`; "train" is the first `train_fraction` of the shuffled training reviews;
+    the prompt is the review's first `prompt_fraction` of its space-separated words, the continuation
+    (`chosen`) the rest of its text. Generation left-truncates the prompt to its token limit.
+    rule "tokens" (this project's first reading): the prompt is the first `prefix_tokens` tokens of the
+    `tokenizer` (line breaks "<br />" made spaces first), the continuation the rest; reviews no longer
+    than the prefix are skipped.
     """
-    import datasets
-    from transformers import AutoTokenizer
+    if rule not in IMDB_RULES:
+        raise ValueError(f"task.prefix.rule={rule!r}: expected one of {IMDB_RULES}")
+    if rule == "tokens":
+        return _token_prefix_rows(source, split, tokenizer, prefix_tokens, limit)
+    reviews = [row["text"] for row in hub_rows(source, split)]
+    if shuffle_seed is not None:
+        import datasets
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
-    reviews = datasets.load_dataset(source, split=split)["text"]
+        # The same permutation as RL4LMs' `dataset.shuffle(seed)`, whatever the row type.
+        order = datasets.Dataset.from_dict({"i": list(range(len(reviews)))}).shuffle(seed=shuffle_seed)["i"]
+        reviews = [reviews[i] for i in order]
+    if split == "train":
+        reviews = reviews[:int(len(reviews) * train_fraction)]
     rows = []
     for text in reviews[:limit] if limit else reviews:
-        text = text.replace("<br />", " ")
+        words = text.split(" ")
+        prompt = " ".join(words[:int(len(words) * prompt_fraction)])
+        rows.append({"prompt": prompt, "chosen": text[len(prompt):], "rejected": None, "reference": text})
+    return rows
+
+
+def _token_prefix_rows(source: str, split: str, tokenizer_name: str | None, prefix_tokens: int | None,
+                       limit: int | None) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    if not tokenizer_name or not prefix_tokens:
+        raise ValueError("task.prefix.rule=tokens needs task.prefix.tokenizer and task.prefix.prefix_tokens")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    rows = []
+    for row in hub_rows(source, split)[:limit] if limit else hub_rows(source, split):
+        text = row["text"].replace("<br />", " ")
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) <= prefix_tokens:
             continue  # nothing left to continue
         prompt = tokenizer.decode(ids[:prefix_tokens])
-        rows.append({"prompt": prompt, "chosen": text[len(prompt):], "rejected": None})
+        rows.append({"prompt": prompt, "chosen": text[len(prompt):], "rejected": None, "reference": text})
     return rows
 
 
 def with_dataset_responses(sampled: Sequence[str], row: dict[str, Any], fields: Iterable[str]) -> list[str]:
     """A prompt's training group: its sampled candidates, then the data set's responses named in `fields`."""
     return list(sampled) + [row[f] for f in fields if row.get(f) is not None]
+
+
+TRAIN_ON = ("all", "sampled", "provided")
+
+
+def training_group(sampled: Sequence[str], row: dict[str, Any], fields: Iterable[str], *, train_on: str = "all",
+                   pad_over_group: bool = False) -> tuple[list[str], list[str]]:
+    """The candidates a prompt trains on and, with `pad_over_group`, the rest of its group.
+
+    The group is `with_dataset_responses`. `train_on` "sampled" keeps the sampled candidates (D, the
+    authors' only_use_sample), "provided" the data set's (P, only_use_provide), "all" both (DP). The rest
+    is returned only with `pad_over_group`: the authors' code padded the whole group before dropping a
+    part of it, so the official loss divides by a padded length that counts the dropped candidates.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"sampling.train_on={train_on!r}: expected one of {TRAIN_ON}")
+    provided = with_dataset_responses([], row, fields)
+    kept = {"all": list(sampled) + provided, "sampled": list(sampled), "provided": provided}[train_on]
+    rest = {"all": [], "sampled": provided, "provided": list(sampled)}[train_on]
+    return kept, rest if pad_over_group else []
 
 
 def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) -> list[dict[str, Any]]:
@@ -125,13 +184,15 @@ def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) 
         if empty and not allow_empty_responses:
             raise ValueError(f"{where}: empty response at position {empty[0]}")
 
-    return [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]]}
+    return [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]],
+             **({"pad_responses": list(row["pad_responses"])} if row.get("pad_responses") else {})}
             for row in read_jsonl(path, check)]
 
 
 def write_training_file(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write {query, responses, scores} rows (other keys dropped) as a training file."""
-    write_jsonl(path, ({k: row[k] for k in ("query", "responses", "scores")} for row in rows))
+    """Write {query, responses, scores} rows, and pad_responses where a row has some, as a training file."""
+    keys = ("query", "responses", "scores", "pad_responses")
+    write_jsonl(path, ({k: row[k] for k in keys if k in row and (k != "pad_responses" or row[k])} for row in rows))
 
 
 def _check_example(row: Any, where: str) -> None:
@@ -155,3 +216,6 @@ def _check_example(row: Any, where: str) -> None:
         raise ValueError(f"{where}: {len(responses)} responses but {len(scores)} scores")
     if not all(math.isfinite(s) for s in scores):
         raise ValueError(f"{where}: scores must be finite, got {scores}")
+    pad = row.get("pad_responses", [])
+    if not isinstance(pad, list) or not all(isinstance(r, str) for r in pad):
+        raise ValueError(f"{where}: 'pad_responses' must be a list of strings")

@@ -1,12 +1,14 @@
-"""Evaluation of a policy as in the paper's Tables 2, 5, 6 and 7 (paper-notes sections 5 and 6).
+"""Evaluation of a policy as in the paper's Tables 2, 5, 6 and 7 (paper-notes sections 5 and 6) and Table 10.
 
 Greedy and best-of-n responses to the test prompts (the stop cut is applied before scoring), perplexity
-of a response under a judge model (the authors' metric script, `paper`, and a corrected one, `exact`) and
-the policy's own scores of the test pairs (Table 5).
+of a response under a judge model (the authors' metric script, `paper`, and a corrected one, `exact`),
+the policy's own scores of the test pairs (Table 5), and the policy's own perplexity on reference texts
+(RL4LMs' IMDB metric, Table 10: `reference_perplexity`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,11 +35,12 @@ PPL_MODES = ("paper", "exact")
 
 
 def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-                     max_prompt_tokens: int = 256, mapper: Mapper = local_map) -> list[str]:
-    """Greedy continuations of `prompts` (decoded new tokens only, special tokens skipped), in input order.
+                     max_prompt_tokens: int = 256, min_new_tokens: int = 0, mapper: Mapper = local_map) -> list[str]:
+    """Greedy continuations of `prompts` (`decode_new`: the new text, special tokens skipped), in input order.
 
     Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
-    sorted by length so that little padding is wasted. No stop cut is applied here (see `stop_cut`).
+    sorted by length so that little padding is wasted. EOS is held back for `min_new_tokens`. No stop cut
+    is applied here (see `stop_cut`).
     """
     encoded = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
     pad = pad_id(tokenizer)
@@ -48,7 +51,8 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
         with eval_mode(model):
             out = model.generate(input_ids=batch["input_ids"].to(model.device),
                                  attention_mask=batch["attention_mask"].to(model.device),
-                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad)
+                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}))
         return decode_new(tokenizer, out, batch["input_ids"].shape[1])
 
     results = mapper(length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy",
@@ -111,13 +115,14 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
 
 
 def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, model_max_length: int = 192,
-                  length_penalty: float = 1.0, batch_size: int = 8,
-                  mapper: Mapper = local_map) -> dict[str, tuple[list[float], list[float]]]:
+                  max_prompt_tokens: int = 256, max_response_tokens: int = 128, length_penalty: float = 1.0,
+                  batch_size: int = 8, mapper: Mapper = local_map) -> dict[str, tuple[list[float], list[float]]]:
     """A policy's own scores of (prompt, chosen, rejected) triples, as RRHF's ranking term sees them.
 
     Returns, per semantics, the chosen and the rejected scores (`rrhf.loss.candidate_scores`: `paper`
     divides a response's summed log-prob by its length, `official` by the pair's padded row length, the
-    same for both responses of a pair). Feed them to `rrhf.stats.preference_accuracy` for Table 5.
+    same for both responses of a pair). Feed them to `rrhf.stats.preference_accuracy` for Table 5. The
+    truncation limits are those of `rrhf.collator.tokenize_example`, as training uses them.
     """
     from rrhf.collator import tokenize_example
     from rrhf.logprobs import group_logprob_sums
@@ -129,7 +134,8 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
         out: list[dict[str, list[float]]] = [{} for _ in chunk]
         for semantics in ("paper", "official"):
             examples = [tokenize_example({"query": pairs[i][0], "responses": list(pairs[i][1:]), "scores": [1.0, 0.0]},
-                                         tokenizer, semantics=semantics, model_max_length=model_max_length)
+                                         tokenizer, semantics=semantics, model_max_length=model_max_length,
+                                         max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
                         for i in chunk]
             with eval_mode(model):
                 sums, lengths = group_logprob_sums(model, [(e["query_ids"], e["responses_ids"]) for e in examples])
@@ -148,11 +154,13 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
 
 def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: int, max_new_tokens: int,
                         temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
-                        max_prompt_tokens: int = 256, seed: int = 0, mapper: Mapper = local_map) -> list[str]:
+                        max_prompt_tokens: int = 256, seed: int = 0, min_new_tokens: int = 0, cut: bool = True,
+                        mapper: Mapper = local_map) -> list[str]:
     """Best-of-n (Table 2's Best-of-4 row; Table 8: n samples at inference, none at training).
 
-    Samples n responses per prompt, applies the stop cut, and keeps the one the reward model scores
-    highest (the first on ties). Batches are seeded by their position, so the draw is reproducible.
+    Samples n responses per prompt, applies the stop cut (unless `cut` is false), and keeps the one the
+    reward model scores highest (the first on ties). Batches are seeded by their position, so the draw is
+    reproducible.
     """
 
     @torch.no_grad()
@@ -161,8 +169,9 @@ def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: 
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with eval_mode(model):
             out = sample(model, tokenizer, batch, seed=seed + chunk[0], n=n, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p)
-        candidates = [stop_cut(t) for t in decode_new(tokenizer, out, batch["input_ids"].shape[1])]
+                         temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens)
+        texts = decode_new(tokenizer, out, batch["input_ids"].shape[1])
+        candidates = [stop_cut(t) for t in texts] if cut else texts
         rewards = scorer.score([prompts[i] for i in chunk for _ in range(n)], candidates)
         groups = [rewards[k * n:(k + 1) * n] for k in range(len(chunk))]
         return [candidates[k * n + group.index(max(group))] for k, group in enumerate(groups)]
@@ -171,3 +180,29 @@ def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: 
     results = mapper(batches, pick, desc=f"best-of-{n}", unit="prompt")
     best = [results[i] for i in range(len(prompts))]
     return best
+
+
+def reference_perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512,
+                         max_length: int | None = None) -> float:
+    """The model's perplexity on `texts`, as RL4LMs' IMDB metric computes it (paper-notes section 8).
+
+    Not the judge's perplexity of responses: here the policy scores the task's reference texts. The texts
+    are joined with blank lines into one token stream, read in windows of at most `max_length` tokens (the
+    model's positions by default) whose starts advance by `stride`; each window's loss covers only the
+    tokens no earlier window scored. Returns exp(summed token NLL / length of the stream).
+    """
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids
+    if max_length is None:
+        max_length = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    stride = min(stride, max_length)  # a longer stride would leave tokens between windows unscored
+    total, end = 0.0, 0
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, ids.shape[1], stride):
+            begin, end = max(start + stride - max_length, 0), min(start + stride, ids.shape[1])
+            window = ids[:, begin:end].to(model.device)
+            labels = window.clone()
+            labels[:, :-(end - start)] = -100  # context only: scored by an earlier window
+            # The model's loss is the mean over the window's scored predictions; RL4LMs weighs it by the
+            # number of new tokens (one more than the predictions of the first window).
+            total += model(input_ids=window, labels=labels).loss.float().item() * (end - start)
+    return math.exp(total / end)

@@ -48,8 +48,7 @@ def _prompts(cfg: DictConfig, split: str) -> list[dict]:
 
     key = _task_key(cfg, split)
     if key.get("format") == "imdb_prefix":
-        return imdb_prefix_rows(key["source"], split, tokenizer_name=key["prefix_tokenizer"],
-                                prefix_tokens=key["prefix_tokens"], limit=key["limit"])
+        return imdb_prefix_rows(key["source"], split, limit=key["limit"], **key.get("prefix", {}))
     return load_split(key["source"], split, limit=key["limit"])
 
 
@@ -103,11 +102,11 @@ def _set_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.threads))
 
 
-def _load_policy(cfg: DictConfig, path: str, where: Placement):
+def _load_policy(cfg: DictConfig, path: str, where: Placement, *, authors_pad: bool = False):
     from rrhf.assets import load_causal_lm
 
     return load_causal_lm(path, placement=where, trust_remote_code=cfg.model.trust_remote_code,
-                          device_map=cfg.get("device_map"))
+                          device_map=cfg.get("device_map"), authors_pad=authors_pad)
 
 
 def _reward_placement(cfg: DictConfig) -> Placement:
@@ -117,7 +116,8 @@ def _reward_placement(cfg: DictConfig) -> Placement:
 def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     """Generate the sampled candidates of the training prompts (None for settings that sample nothing)."""
     s = cfg.sampling
-    if s.generator in ("none", "file"):
+    # P trains on the data set's responses alone; it samples only to pad its group as the authors did.
+    if s.generator in ("none", "file") or (s.get("train_on") == "provided" and not s.get("pad_over_group")):
         return None
     from rrhf.sampling import generation_settings
 
@@ -131,7 +131,7 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
 
         rows = _prompts(cfg, "train")
         with measured(work):
-            model, tokenizer = _load_policy(cfg, model_path, where)
+            model, tokenizer = _load_policy(cfg, model_path, where, authors_pad=bool(s.get("add_pad_token")))
             sample_candidates(model, tokenizer, [r["prompt"] for r in rows], s, work, seed=cfg.seed)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "sample", inputs, build, all_ranks=True)
@@ -143,31 +143,39 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
     s = cfg.sampling
     if s.generator == "file":
         return _file_stage(cfg)
+    # D and P train on a part of DP's group (sampling.train_on); with pad_over_group the rest of the group
+    # travels along for the official loss's padded length. Keyed by what is trained, so D and P keep the
+    # keys they had as groups of their own.
+    train_on, pad_over_group = s.get("train_on", "all"), bool(s.get("pad_over_group"))
     where = _reward_placement(cfg)
     inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sampled": sampled.name if sampled else None,
-              "dataset_responses": list(s.dataset_responses), "reward": _plain(cfg.reward),
-              "placement": where.key()}
+              "dataset_responses": [] if train_on == "sampled" else list(s.dataset_responses),
+              "reward": _plain(cfg.reward), "placement": where.key()}
+    if pad_over_group:
+        inputs |= {"train_on": train_on, "pad_over_group": True}
 
     def build(work: Path) -> None:
-        from rrhf.data import with_dataset_responses, write_training_file
+        from rrhf.data import training_group, write_training_file
         from rrhf.reward import build_scorer, score_in_shards
         from rrhf.sampling import read_candidates
         from rrhf.stats import sample_statistics
 
         rows = _prompts(cfg, "train")
         generated = read_candidates(sampled / "candidates.jsonl") if sampled else {}
-        groups = [with_dataset_responses(generated.get(i, []), row, s.dataset_responses) for i, row in enumerate(rows)]
+        groups = [training_group(generated.get(i, []), row, s.dataset_responses, train_on=train_on,
+                                 pad_over_group=pad_over_group) for i, row in enumerate(rows)]
         with measured(work):
-            prompts = [row["prompt"] for row, group in zip(rows, groups) for _ in group]
-            flat = score_in_shards(build_scorer(cfg.reward, where), prompts, [r for g in groups for r in g], work,
-                                   "scores", desc="scoring candidates", crash_stage="score")
+            prompts = [row["prompt"] for row, (group, _) in zip(rows, groups) for _ in group]
+            flat = score_in_shards(build_scorer(cfg.reward, where), prompts, [r for g, _ in groups for r in g],
+                                   work, "scores", desc="scoring candidates", crash_stage="score")
         scores, at = [], 0
-        for group in groups:
+        for group, _ in groups:
             scores.append(flat[at:at + len(group)])
             at += len(group)
-        write_training_file(work / "train.jsonl", ({"query": row["prompt"], "responses": group, "scores": sc}
-                                                   for row, group, sc in zip(rows, groups, scores)))
-        n_sampled = [len(generated.get(i, [])) for i in range(len(rows))]
+        write_training_file(work / "train.jsonl", ({"query": row["prompt"], "responses": group, "scores": sc,
+                                                    "pad_responses": rest}
+                                                   for row, (group, rest), sc in zip(rows, groups, scores)))
+        n_sampled = [0 if train_on == "provided" else len(generated.get(i, [])) for i in range(len(rows))]
         stats = {"all": sample_statistics(scores)}
         if any(n_sampled):
             stats["sampled"] = sample_statistics([sc[:n] for sc, n in zip(scores, n_sampled) if n])
@@ -198,14 +206,17 @@ def _file_stage(cfg: DictConfig) -> Path:
 
 
 def sft_data_stage(cfg: DictConfig) -> Path:
-    """The data set's chosen responses as a training file of one candidate each: with rank_weight 0 the
-    RRHF objective is then plain supervised fine-tuning (the Alpaca-sft initial model of Table 2)."""
+    """The data set's prompts and chosen responses as a training file of one candidate each, for supervised
+    fine-tuning (the Alpaca-sft initial model of Table 2): the task's training split, or `method.source`'s."""
+    source = cfg.method.get("source")
     inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sft_on": "chosen"}
+    if source:
+        inputs["source"] = str(source)
 
     def build(work: Path) -> None:
-        from rrhf.data import write_training_file
+        from rrhf.data import load_split, write_training_file
 
-        rows = _prompts(cfg, "train")
+        rows = load_split(source, "train", limit=cfg.task.train_size) if source else _prompts(cfg, "train")
         write_training_file(work / "train.jsonl",
                             ({"query": r["prompt"], "responses": [r["chosen"]], "scores": [1.0]} for r in rows))
 
@@ -272,8 +283,11 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
         rows = _prompts(cfg, "train")
         # Delta reward against the data set's chosen response (trlX ppo_hh), where the task has one.
         references = [r.get("chosen") or "" for r in rows] if all(r.get("chosen") for r in rows) else None
+        # trlX joins prompt and output as they are for its reward model (paper-notes section 7).
+        reward = OmegaConf.merge(cfg.reward, {"separator": settings["reward_separator"]}) \
+            if "separator" in cfg.reward else cfg.reward
         with measured(work):
-            train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(cfg.reward, reward_where), work,
+            train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(reward, reward_where), work,
                       PPOConfig(**settings, seed=cfg.seed), where=where)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build)
@@ -316,7 +330,13 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
     def build(work: Path) -> None:
         from rrhf.assets import load_causal_lm
         from rrhf.data import write_jsonl
-        from rrhf.evaluation import best_of_n_responses, greedy_responses, perplexities, policy_scores
+        from rrhf.evaluation import (
+            best_of_n_responses,
+            greedy_responses,
+            perplexities,
+            policy_scores,
+            reference_perplexity,
+        )
         from rrhf.generation import stop_cut
         from rrhf.reward import build_scorer, score_in_shards
         from rrhf.sharding import shard_mapper
@@ -326,29 +346,36 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         prompts = [r["prompt"] for r in rows]
         metrics: dict[str, Any] = {"num_prompts": len(prompts)}
         scorer = build_scorer(cfg.reward, reward_where)
+        cut = e.get("stop_cut", True)  # the HH turn cut; IMDB continuations are scored as generated
         if target.kind == "dataset":
-            responses = [stop_cut(r[target.source] or "") for r in rows]
+            responses = [stop_cut(r[target.source] or "") if cut else r[target.source] or "" for r in rows]
         elif target.kind == "best_of_n":
             m = cfg.method
             model, tokenizer = _load_policy(cfg, target.source, where)
             responses = best_of_n_responses(model, tokenizer, prompts, scorer, n=m.n, max_new_tokens=e.max_new_tokens,
                                             temperature=m.temperature, top_p=m.top_p, batch_size=m.batch_size,
                                             max_prompt_tokens=e.max_prompt_tokens, seed=cfg.seed,
+                                            min_new_tokens=e.get("min_new_tokens", 0), cut=cut,
                                             mapper=shard_mapper(work, "best_of_n", crash_stage="evaluate"))
             del model
         elif target.kind == "policy":
             model, tokenizer = _load_policy(cfg, target.source, where)
             raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
                                    batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens,
+                                   min_new_tokens=e.get("min_new_tokens", 0),
                                    mapper=shard_mapper(work, "greedy", crash_stage="evaluate"))
-            responses = [stop_cut(r) for r in raw]
+            responses = [stop_cut(r) for r in raw] if cut else raw
             pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r.get("rejected") is not None]
             if e.rm_accuracy and pairs:
                 length_penalty = float(cfg.method.train_args.get("length_penalty", 1.0))
                 scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length,
+                                       max_prompt_tokens=e.max_prompt_tokens, max_response_tokens=e.max_new_tokens,
                                        length_penalty=length_penalty, mapper=shard_mapper(work, "policy_scores"))
                 for semantics, (chosen, rejected) in scores.items():
                     metrics[f"rm_accuracy_{semantics}"] = preference_accuracy(chosen, rejected)
+            if e.get("reference_ppl") and all(r.get("reference") for r in rows):
+                metrics["reference_ppl"] = reference_perplexity(model, tokenizer, [r["reference"] for r in rows],
+                                                                stride=e.reference_ppl_stride)
             del model
         else:
             raise ValueError(f"unknown evaluation target {target}")

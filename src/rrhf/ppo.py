@@ -2,8 +2,11 @@
 
 One round: sample responses to a slice of the training prompts, score them with a `Scorer`, turn each
 score into per-token rewards (a KL penalty against the frozen initial policy on every token, the score
-on the last), estimate advantages with GAE, then run `ppo_epochs` passes of clipped PPO updates over
-the round's rollouts. The value head sits on the policy's last hidden state, as in trlX.
+on the last), estimate advantages with GAE, then run clipped PPO updates over the round's rollouts:
+`ppo_epochs` consecutive updates of each minibatch (trlX when the paper's numbers were made) or
+`ppo_epochs` passes over all minibatches (trlX from August 2023). The value head sits on the policy's
+last hidden state, as in trlX. Where trlX changed between versions, `PPOConfig` names both behaviours
+and defaults to trlX v0.6.0, the version the paper's PPO row came from.
 """
 
 from __future__ import annotations
@@ -25,29 +28,35 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from rrhf.assets import load_causal_lm
-from rrhf.generation import STOP_STRINGS, check_context, left_truncated_batch, pad_id, sample, stop_cut
+from rrhf.generation import check_context, left_truncated_batch, pad_id, sample, trlx_stop_cut
 from rrhf.placement import Placement
 
 log = logging.getLogger(__name__)
 
 
+UPDATE_ORDERS = ("minibatch", "epoch")
+CONTROLLER_KL = ("token_mean", "sequence_sum")
+
+
 @dataclass
 class PPOConfig:
-    """PPO settings; the defaults are trlX's ppo_hh config (examples/hh/ppo_hh.py)."""
+    """PPO settings; the defaults are trlX's ppo_hh config (examples/hh/ppo_hh.py) at v0.6.0 (paper-notes section 7)."""
 
     learning_rate: float = 8e-6  # optimizer.kwargs.lr (its cosine schedule has eta_min = lr: constant)
     adam_beta1: float = 0.9  # optimizer.kwargs.betas
     adam_beta2: float = 0.95  # optimizer.kwargs.betas
     adam_eps: float = 1e-8  # optimizer.kwargs.eps
     weight_decay: float = 1e-6  # optimizer.kwargs.weight_decay
-    iterations: int = 1  # rollout + update rounds (trlX runs until train.total_steps)
+    iterations: int = 156  # rollout + update rounds: train.total_steps 10000 / 64 optimiser steps a round
     num_rollouts: int = 64  # method.num_rollouts
     chunk_size: int = 16  # method.chunk_size
     ppo_epochs: int = 4  # method.ppo_epochs
     batch_size: int = 4  # train.batch_size
+    update_order: str = "minibatch"  # minibatch: ppo_epochs updates of each minibatch (v0.6.0); epoch: passes
     init_kl_coef: float = 0.05  # method.init_kl_coef
     target: float | None = 6.0  # method.target
     horizon: int = 10000  # method.horizon
+    controller_kl: str = "token_mean"  # the KL the controller sees: token_mean (v0.6.0) or sequence_sum
     gamma: float = 1.0  # method.gamma
     lam: float = 0.95  # method.lam
     cliprange: float = 0.2  # method.cliprange
@@ -60,10 +69,18 @@ class PPOConfig:
     top_p: float = 1.0  # method.gen_kwargs
     temperature: float = 1.0  # generation default
     max_new_tokens: int = 128  # method.gen_kwargs
-    max_prompt_tokens: int = 256  # the paper's left truncation of prompts
-    delta_reward: bool = True  # ppo_hh reward_fn: RM(prompt + output) - RM(prompt + chosen)
+    max_prompt_tokens: int = 896  # train.seq_length 1024 - max_new_tokens 128, from the left
+    prompt_bos: str = "none"  # trlX's prompt pipeline adds no special tokens (rrhf.generation.PROMPT_BOS)
+    delta_reward: bool = False  # RM(prompt + output) - RM(prompt + chosen): ppo_hh from 2023-04-10 on
+    reward_separator: str = ""  # between prompt and output in the reward model's text (the pipeline's scorer)
     save_every: int = 1  # rounds between resumable checkpoints
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.update_order not in UPDATE_ORDERS:
+            raise ValueError(f"method.ppo.update_order={self.update_order!r}: expected one of {UPDATE_ORDERS}")
+        if self.controller_kl not in CONTROLLER_KL:
+            raise ValueError(f"method.ppo.controller_kl={self.controller_kl!r}: expected one of {CONTROLLER_KL}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,12 +105,27 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance over the masked entries (padding stays 0, and does not count)."""
-    n = mask.sum()
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+def whiten(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit (sample) variance over every entry of a right-padded minibatch, as trlX whitens its
+    advantages: the padding's zeros count (the loss masks them afterwards)."""
+    if x.numel() < 2:
+        return x - x.mean()
+    var, mean = torch.var_mean(x)
+    return (x - mean) * torch.rsqrt(var + 1e-8)
+
+
+def controller_kl(log_ratio: torch.Tensor, prompt_width: int, response_width: int, form: str) -> float:
+    """The KL estimate trlX feeds its adaptive controller, from one chunk of rollouts.
+
+    `log_ratio` holds log pi - log rho of every token of each row after its first (prompt and response,
+    as trlX takes it; 0 on padding). Both forms use the k3 estimator exp(r) - 1 - r. "token_mean" (trlX
+    v0.6.0) is its mean over the chunk's whole padded grid, batch x (prompt width + response width - 1);
+    "sequence_sum" (trlX from 2023-04-20) sums it over each row and averages the rows.
+    """
+    k3 = log_ratio.exp() - 1 - log_ratio
+    if form == "token_mean":
+        return k3.sum().item() / (log_ratio.shape[0] * (prompt_width + response_width - 1))
+    return k3.sum(1).mean().item()
 
 
 class AdaptiveKLController:
@@ -195,13 +227,18 @@ def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int) -> None:
         module.requires_grad_(False)
 
 
-def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int,
-             head: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+_Maybe = torch.Tensor | None
+
+
+def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int, head: nn.Module | None = None,
+             *, whole_rows: bool = False) -> tuple[torch.Tensor, _Maybe, torch.Tensor, _Maybe]:
     """Log-probabilities (and values) of each row's response tokens: [batch, longest response] + mask.
 
     Rows are prompt + response, right-padded, so positions count from 0 as they did in generation. The
     prediction of response token i sits at position len(prompt) - 1 + i; values are read there too.
-    (Not rrhf.logprobs: PPO needs the value head's reading of the same forward's hidden states.)
+    With `whole_rows`, also the log-probability of every token after the row's first ([batch, longest
+    row - 1], 0 on padding), which the controller's KL estimate needs. (Not rrhf.logprobs: PPO needs the
+    value head's reading of the same forward's hidden states.)
     """
     device = next(model.parameters()).device
     lengths = [len(p) + len(r) for p, r in rows]
@@ -212,7 +249,7 @@ def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int
         attention[b, :lengths[b]] = 1
     ids, attention = ids.to(device), attention.to(device)
     # Only the positions from the earliest response on need logits; the rest would cost vocab-sized rows.
-    first = min(len(p) for p, _ in rows) - 1
+    first = 0 if whole_rows else min(len(p) for p, _ in rows) - 1
     out = model(input_ids=ids, attention_mask=attention, output_hidden_states=head is not None,
                 logits_to_keep=ids.shape[1] - first)
     width = max(len(r) for _, r in rows)
@@ -227,7 +264,11 @@ def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int
         hidden = out.hidden_states[-1]
         hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
         values = head(hidden.float()).squeeze(-1) * mask
-    return logprobs, values, mask
+    row_logprobs = None
+    if whole_rows:  # one row at a time: a [tokens, vocab] float copy, not [batch, tokens, vocab]
+        row_logprobs = torch.stack([out.logits[b, :-1].float().log_softmax(-1).gather(-1, ids[b, 1:, None])
+                                    .squeeze(-1) for b in range(len(rows))]) * attention[:, 1:]
+    return logprobs, values, mask, row_logprobs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,22 +286,22 @@ class Rollout:
 
 
 def response_tokens(tokenizer, new_ids: list[int]) -> tuple[list[int], str]:
-    """The tokens to train on and the text to score, from a generation's new tokens.
+    """The tokens to train on and the text to score, from a generation's new tokens, as trlX makes them.
 
-    The text is cut at a new dialogue turn (trlX's stop sequences). The tokens are the shortest prefix
-    of the generated ones that decodes to that text, so what is trained is what was scored; a cut
-    response ends with EOS (trlX appends it to a stopped sample too). At least one token is kept.
+    The new tokens are decoded (special tokens skipped) and cut at trlX's stop sequences ("Human:",
+    "Assistant:" and their lower case, anywhere, then right-stripped). The text is re-tokenized (no special
+    tokens), which is what is trained, so what is trained is what was scored; EOS follows when the text
+    was cut or the generation ended with EOS. At least one token (EOS) is kept.
     """
     eos = tokenizer.eos_token_id
-    if eos in new_ids:
-        new_ids = new_ids[:new_ids.index(eos) + 1]  # what follows is padding
-    decoded = tokenizer.decode(new_ids, skip_special_tokens=True)
-    text = stop_cut(decoded)
-    if not any(stop in decoded for stop in STOP_STRINGS):
-        return new_ids, text
-    keep = next(k for k in range(1, len(new_ids) + 1)
-                if stop_cut(tokenizer.decode(new_ids[:k], skip_special_tokens=True)) == text)
-    return new_ids[:keep] + [eos], text
+    ended = eos in new_ids
+    if ended:
+        new_ids = new_ids[:new_ids.index(eos)]  # what follows is padding
+    text, trimmed = trlx_stop_cut(tokenizer.decode(new_ids, skip_special_tokens=True))
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
+    if trimmed or ended or not ids:
+        ids.append(eos)
+    return ids, text
 
 
 def _prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int]:
@@ -288,17 +329,22 @@ class _State:
 def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], references: list[str] | None,
              reference_scores: dict[int, float], state: _State, config: PPOConfig,
              autocast) -> tuple[list[Rollout], dict[str, float]]:
-    """One round's rollouts with their advantages and returns (the policy in eval mode, no gradients)."""
+    """One round's rollouts with their advantages and returns (the policy in eval mode, no gradients).
+
+    The stats hold `controller_kl`, the KL estimate the round's controller updates use (None with a
+    fixed coefficient, which needs none).
+    """
     device = next(policy.parameters()).device
     indices = _prompt_order(len(prompts), config.seed, state.cursor, config.num_rollouts)
     rollouts: list[Rollout] = []
-    raw, deltas, kls = [], [], []
+    raw, deltas, kls, chunk_kls = [], [], [], []
+    adaptive = config.target is not None
     policy.eval()
     head.eval()
     for at in range(0, len(indices), config.chunk_size):
         chunk = indices[at:at + config.chunk_size]
-        texts = [prompts[i] for i in chunk]
-        batch = left_truncated_batch(tokenizer, texts, config.max_prompt_tokens)
+        batch = left_truncated_batch(tokenizer, [prompts[i] for i in chunk], config.max_prompt_tokens,
+                                     bos=config.prompt_bos)
         check_context(policy, batch["input_ids"].shape[1], config.max_new_tokens,
                       "method.ppo.max_prompt_tokens + max_new_tokens")
         # Seeded per round and chunk, so a resumed run samples what an uninterrupted one would have.
@@ -308,23 +354,25 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
                          max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                          top_k=config.top_k)
         width = batch["input_ids"].shape[1]
-        rows, responses = [], []
+        rows, texts, responses = [], [], []
         for b in range(len(chunk)):
             prompt = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
             ids, text = response_tokens(tokenizer, out[b, width:].tolist())
             rows.append((prompt, ids))
+            # trlX's reward function sees the prompt as decoded from its (truncated) tokens.
+            texts.append(tokenizer.decode(prompt, skip_special_tokens=True))
             responses.append(text)
 
         scores = [float(s) for s in scorer.score(texts, responses)]
         raw += scores
         if config.delta_reward and references is not None:
-            missing = [i for i in dict.fromkeys(chunk) if i not in reference_scores]
+            missing = {i: text for i, text in zip(chunk, texts) if i not in reference_scores}
             if missing:
-                got = scorer.score([prompts[i] for i in missing], [references[i] for i in missing])
+                got = scorer.score(list(missing.values()), [references[i] for i in missing])
                 reference_scores.update(zip(missing, map(float, got)))
             scores = [s - reference_scores[i] for s, i in zip(scores, chunk)]
         deltas += scores
-        # trlX scales each chunk by the running std including that chunk, then clips.
+        # trlX (v0.6.0) scales each chunk by the running std including that chunk, then clips.
         state.moments.update(scores)
         scaled = torch.tensor(scores)
         if config.scale_reward == "running" and state.moments.std > 1e-8:
@@ -332,8 +380,11 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
         scaled = scaled.clamp(-config.cliprange_reward, config.cliprange_reward)
 
         with torch.no_grad(), autocast():
-            logprobs, values, mask = _forward(policy, rows, pad_id(tokenizer), head)
-            ref_logprobs, _, _ = _forward(reference, rows, pad_id(tokenizer))
+            logprobs, values, mask, row_logprobs = _forward(policy, rows, pad_id(tokenizer), head, whole_rows=adaptive)
+            ref_logprobs, _, _, ref_row_logprobs = _forward(reference, rows, pad_id(tokenizer), whole_rows=adaptive)
+        if adaptive:
+            chunk_kls.append(controller_kl(row_logprobs - ref_row_logprobs, max(len(p) for p, _ in rows),
+                                           max(len(r) for _, r in rows), config.controller_kl))
         log_ratio = (logprobs - ref_logprobs) * mask
         kls += log_ratio.sum(1).tolist()
         rewards = -state.kl.value * log_ratio
@@ -346,45 +397,74 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
                                     advantages[b, :n].cpu(), returns[b, :n].cpu()))
     state.cursor += len(indices)
     stats = {"mean_score": sum(raw) / len(raw), "mean_reward_delta": sum(deltas) / len(deltas),
-             "mean_kl": sum(kls) / len(kls),
+             "mean_kl": sum(kls) / len(kls), "controller_kl": _round_kl(chunk_kls, config.controller_kl),
              "mean_response_tokens": sum(len(r.response_ids) for r in rollouts) / len(rollouts)}
     return rollouts, stats
 
 
-def _update(policy, head, optimizer, rollouts: list[Rollout], state: _State, mean_kl: float, pad: int,
+def _round_kl(chunk_kls: list[float], form: str) -> float | None:
+    """A round's controller KL from its chunks': v0.6.0 kept the last chunk's; later trlX averages the
+    chunks' square roots and squares the mean."""
+    if not chunk_kls:
+        return None
+    if form == "token_mean":
+        return chunk_kls[-1]
+    return (sum(math.sqrt(max(k, 0.0)) for k in chunk_kls) / len(chunk_kls)) ** 2
+
+
+def update_schedule(n_rollouts: int, batch_size: int, ppo_epochs: int, order: str,
+                    rng: random.Random) -> list[tuple[list[int], bool]]:
+    """One round's optimiser steps in trlX's order: each step's minibatch (rollout indices) and whether the
+    KL controller moves after it.
+
+    "minibatch" (trlX v0.6.0): the minibatches of one shuffle each get ppo_epochs consecutive updates, and
+    the controller moves after each minibatch's last. "epoch" (trlX from 2023-07-31): ppo_epochs passes over
+    freshly shuffled minibatches, the controller moving after each pass.
+    """
+    indices = list(range(n_rollouts))
+
+    def shuffled() -> list[list[int]]:
+        rng.shuffle(indices)
+        return [indices[at:at + batch_size] for at in range(0, n_rollouts, batch_size)]
+
+    steps: list[tuple[list[int], bool]] = []
+    if order == "minibatch":
+        for minibatch in shuffled():
+            steps += [(minibatch, k == ppo_epochs - 1) for k in range(ppo_epochs)]
+    else:
+        for _ in range(ppo_epochs):
+            minibatches = shuffled()
+            steps += [(minibatch, j == len(minibatches) - 1) for j, minibatch in enumerate(minibatches)]
+    return steps
+
+
+def _update(policy, head, optimizer, rollouts: list[Rollout], state: _State, kl: float | None, pad: int,
             config: PPOConfig, autocast) -> dict[str, float]:
-    """ppo_epochs passes over the rollouts in freshly shuffled minibatches; one optimiser step each."""
+    """One round's clipped PPO updates (`update_schedule`); the KL controller moves with n_steps = batch_size
+    from the round's controller KL, as trlX's post-backward callback does."""
     policy.train()
     head.train()
     totals: dict[str, float] = {}
-    steps = 0
-    shuffler = random.Random(config.seed * 1_000_003 + state.round)
-    for _ in range(config.ppo_epochs):
-        order = list(range(len(rollouts)))
-        shuffler.shuffle(order)
-        for at in range(0, len(order), config.batch_size):
-            batch = [rollouts[i] for i in order[at:at + config.batch_size]]
-            with autocast():
-                logprobs, values, mask = _forward(policy, [(r.prompt_ids, r.response_ids) for r in batch],
-                                                  pad, head)
-            old = {name: pad_sequence([getattr(r, name) for r in batch], batch_first=True).to(mask.device)
-                   for name in ("logprobs", "values", "advantages", "returns")}
-            # trlX whitens the advantages of each minibatch.
-            loss, stats = ppo_loss(logprobs, values, old["logprobs"], old["values"],
-                                   whiten(old["advantages"], mask), old["returns"], mask,
-                                   cliprange=config.cliprange, cliprange_value=config.cliprange_value,
-                                   vf_coef=config.vf_coef)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # After every step with n_steps = batch_size. trlX calls it less often with the same n_steps
-            # (0.6: after a minibatch's ppo_epochs updates; 0.7: after each pass); with horizon 10000 the
-            # coefficient moves < 0.01% a call, so the cadence hardly matters.
-            state.kl.update(mean_kl, n_steps=config.batch_size)
-            for key, value in stats.items():
-                totals[key] = totals.get(key, 0.0) + value
-            steps += 1
-    return {key: value / steps for key, value in totals.items()}
+    schedule = update_schedule(len(rollouts), config.batch_size, config.ppo_epochs, config.update_order,
+                               random.Random(config.seed * 1_000_003 + state.round))
+    for indices, move_controller in schedule:
+        batch = [rollouts[i] for i in indices]
+        with autocast():
+            logprobs, values, mask, _ = _forward(policy, [(r.prompt_ids, r.response_ids) for r in batch], pad, head)
+        old = {name: pad_sequence([getattr(r, name) for r in batch], batch_first=True).to(mask.device)
+               for name in ("logprobs", "values", "advantages", "returns")}
+        # trlX whitens the advantages of each minibatch.
+        loss, stats = ppo_loss(logprobs, values, old["logprobs"], old["values"], whiten(old["advantages"]),
+                               old["returns"], mask, cliprange=config.cliprange,
+                               cliprange_value=config.cliprange_value, vf_coef=config.vf_coef)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if move_controller and kl is not None:
+            state.kl.update(kl, n_steps=config.batch_size)
+        for key, value in stats.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return {key: value / len(schedule) for key, value in totals.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,9 +529,9 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
               config: PPOConfig, *, where: Placement | None = None) -> Path:
     """Train `model_path` with PPO on `prompts`, rewarded by `scorer`; resumes from output_dir/checkpoint.
 
-    `references` (the data set's chosen responses) give the delta reward of trlX's ppo_hh. Weights stay
-    fp32, on `where.device` (the CPU by default); on a GPU a bf16/fp16 `where.dtype` runs the forward passes under
-    autocast. Returns
+    `references` (the data set's chosen responses) give the delta reward (`config.delta_reward`). Weights stay
+    fp32, on `where.device` (the CPU by default); on a GPU a bf16/fp16 `where.dtype` runs the forward passes
+    under autocast. Returns
     output_dir / "model" (a plain Hugging Face causal-LM folder with the tokenizer: the policy without
     its value head, loadable by AutoModelForCausalLM).
     """
@@ -487,12 +567,13 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
         started = time.perf_counter()
         rollouts, stats = _collect(policy, head, reference, tokenizer, scorer, prompts, references,
                                    reference_scores, state, config, autocast)
-        stats |= _update(policy, head, optimizer, rollouts, state, stats["mean_kl"], pad_id(tokenizer),
+        stats |= _update(policy, head, optimizer, rollouts, state, stats["controller_kl"], pad_id(tokenizer),
                          config, autocast)
         state.round += 1
         row = {"round": state.round, "mean_score": stats["mean_score"],
                "mean_reward_delta": stats["mean_reward_delta"], "mean_kl": stats["mean_kl"],
-               "kl_coef": state.kl.value, "pg_loss": stats["pg_loss"], "vf_loss": stats["vf_loss"],
+               "controller_kl": stats["controller_kl"], "kl_coef": state.kl.value, "pg_loss": stats["pg_loss"],
+               "vf_loss": stats["vf_loss"],
                "mean_response_tokens": stats["mean_response_tokens"],
                "seconds": time.perf_counter() - started}
         state.history.append(row)

@@ -98,17 +98,22 @@ class GPTJRewardModel(nn.Module):
 
 
 class GPTJRMScorer(Scorer):
-    """Dahoas/gptj-rm-static: text `prompt + " " + response + eos`, gpt2 tokenizer, left truncation."""
+    """Dahoas/gptj-rm-static: text `prompt + separator + response + eos`, gpt2 tokenizer, left truncation.
+
+    The separator is a space in the authors' scoring script; trlX's PPO joins with nothing (paper-notes
+    sections 5 and 7).
+    """
 
     sort_by_length = True
 
     def __init__(self, model: GPTJRewardModel, tokenizer, *, max_length: int = 1024, batch_size: int = 8,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", separator: str = " ") -> None:
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.truncation_side = "left"
         tokenizer.padding_side = "right"
         self.model, self.tokenizer = model.to(device), tokenizer
         self.max_length, self.batch_size, self.device = max_length, batch_size, torch.device(device)
+        self.separator = separator
 
     @classmethod
     def from_config(cls, cfg: Any, where: Placement) -> GPTJRMScorer:
@@ -118,10 +123,10 @@ class GPTJRMScorer(Scorer):
         checkpoint = hf_hub_download(cfg.checkpoint_repo, cfg.checkpoint_file)
         model = GPTJRewardModel.from_checkpoint(AutoConfig.from_pretrained(cfg.backbone), checkpoint, where.dtype)
         return cls(model, AutoTokenizer.from_pretrained(cfg.tokenizer), max_length=cfg.max_length,
-                   batch_size=cfg.batch_size, device=where.device)
+                   batch_size=cfg.batch_size, device=where.device, separator=cfg.get("separator", " "))
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
-        return [f"{p} {r}{self.tokenizer.eos_token}" for p, r in zip(prompts, responses)]
+        return [f"{p}{self.separator}{r}{self.tokenizer.eos_token}" for p, r in zip(prompts, responses)]
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:
@@ -134,12 +139,15 @@ class SequenceClassifierScorer(Scorer):
     """Probability (or logit) of one label of a sequence-classification model, e.g. IMDB's positive."""
 
     def __init__(self, model, tokenizer, *, label: int = 1, output: str = "prob", text: str = "response",
-                 max_length: int = 512, batch_size: int = 32, sort_by_length: bool = True) -> None:
+                 max_length: int = 512, batch_size: int = 32, sort_by_length: bool = True, separator: str = "",
+                 truncation_side: str | None = None) -> None:
         if output not in ("prob", "logit") or text not in ("response", "prompt+response"):
             raise ValueError(f"reward: output must be prob|logit and text response|prompt+response, "
                              f"got output={output!r} text={text!r}")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.label, self.output, self.text = label, output, text
+        if truncation_side is not None:  # RL4LMs cuts a long review from the left (paper-notes section 8)
+            tokenizer.truncation_side = truncation_side
+        self.label, self.output, self.text, self.separator = label, output, text, separator
         self.max_length, self.batch_size, self.sort_by_length = max_length, batch_size, sort_by_length
 
     @classmethod
@@ -148,10 +156,13 @@ class SequenceClassifierScorer(Scorer):
 
         model = AutoModelForSequenceClassification.from_pretrained(cfg.path, dtype=where.dtype).to(where.device)
         return cls(model, AutoTokenizer.from_pretrained(cfg.path), label=cfg.label, output=cfg.output,
-                   text=cfg.text, max_length=cfg.max_length, batch_size=cfg.batch_size)
+                   text=cfg.text, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                   separator=cfg.get("separator", ""), truncation_side=cfg.get("truncation_side"))
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
-        return list(responses) if self.text == "response" else [p + r for p, r in zip(prompts, responses)]
+        if self.text == "response":
+            return list(responses)
+        return [p + self.separator + r for p, r in zip(prompts, responses)]
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:

@@ -20,9 +20,11 @@ __all__ = ["diverse_beam_search", "generation_settings", "read_candidates", "sam
 
 log = logging.getLogger(__name__)
 
-# Sampling keys that do not change the first generation: labels, the dataset flag, and what later
-# iterations or online refreshes do. DP, D, IP-n and OP-k (and imdb_BP, imdb_B) share one generation.
-NOT_GENERATION_KEYS = ("name", "dataset_responses", "table10_setting", "iterations", "refresh_steps", "kl_coef")
+# Sampling keys that do not change the first generation: labels, the dataset flag, which part of the group
+# trains, and what later iterations or online refreshes do. DP, D, P (when it samples), IP-n and OP-k (and
+# imdb_BP, imdb_B) share one generation.
+NOT_GENERATION_KEYS = ("name", "dataset_responses", "train_on", "pad_over_group", "table10_setting", "iterations",
+                       "refresh_steps", "kl_coef")
 
 
 def generation_settings(sampling: dict[str, Any]) -> dict[str, Any]:

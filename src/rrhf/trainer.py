@@ -18,6 +18,8 @@ from rrhf import PROJECT_ROOT
 from rrhf.logprobs import LAYOUTS, group_logprob_sums
 from rrhf.loss import SEMANTICS, rrhf_loss
 
+OBJECTIVES = ("rrhf", "lm")
+
 
 @dataclass
 class RRHFArguments(TrainingArguments):
@@ -28,15 +30,23 @@ class RRHFArguments(TrainingArguments):
     source, and the profiles that extend it. Here are the options the loss adds, defaulting to the paper.
     """
 
+    objective: str = field(default="rrhf", metadata={"help": "'rrhf', or 'lm': next-token loss over prompt + "
+                                                                  "response (trlX sft_hh)"})
     semantics: str = field(default="paper", metadata={"help": "'paper' (Eqs. 1-4) or 'official' (authors' code)"})
     rank_weight: float = field(default=1.0, metadata={"help": "weight of the ranking term (authors' rrhf_weight)"})
     length_penalty: float = field(default=1.0, metadata={"help": "exponent of the length normalisation"})
-    model_max_length: int = field(default=192, metadata={"help": "query + response token budget (192 for HH)"})
+    model_max_length: int = field(default=192, metadata={"help": "official: query + response token budget (192 for "
+                                                                 "HH); lm: tokens kept from the end of each text"})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "paper: query tokens kept (sampling's limit)"})
+    max_response_tokens: int = field(default=128, metadata={"help": "paper: response tokens kept, before the EOS"})
+    add_pad_token: bool = field(default=False, metadata={"help": "add the authors' [PAD] token when there is none"})
     layout: str = field(default="shared", metadata={"help": "'shared' (prompt once) or 'concat' (authors')"})
     # The batch is {groups, reward_ranks, valid, pad_lengths}, not model inputs: nothing to drop.
     remove_unused_columns: bool = False
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.semantics not in SEMANTICS:
             raise ValueError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}")
         if self.layout not in LAYOUTS:

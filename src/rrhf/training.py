@@ -1,7 +1,8 @@
 """Running a training: the Trainer class a method needs, resuming from the last checkpoint, the saved model.
 
-`train` is what the pipeline's train stage calls, for RRHF (`rrhf.trainer.RRHFTrainer`) and for OP-k
-(`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains).
+`train` is what the pipeline's train stage calls, for RRHF (`rrhf.trainer.RRHFTrainer`), for OP-k
+(`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains) and for supervised fine-tuning on
+prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trlX's sft_hh).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
-from rrhf.collator import RRHFCollator
+from rrhf.assets import add_pad_token
+from rrhf.collator import LMCollator, RRHFCollator
 from rrhf.data import read_training_file
 from rrhf.online import OnlineRRHFTrainer, OnlineSettings, run_schedule
 from rrhf.trainer import RRHFArguments, RRHFTrainer
@@ -77,11 +79,20 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
     # lose small updates.
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    if args.add_pad_token:
+        add_pad_token(model, tokenizer)
     records = read_training_file(train_file)
-    collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length)
+    collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length,
+                            max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens)
     resume = last_checkpoint(args.output_dir)
+    if args.objective == "lm" and online is not None:
+        raise ValueError("objective=lm trains on fixed data; online sampling (sampling.refresh_steps) needs rrhf")
     with _wandb_env(args, output_dir):
-        if online is None:
+        if args.objective == "lm":
+            trainer = Trainer(model=model, args=args, train_dataset=records,
+                              data_collator=LMCollator(tokenizer, max_length=args.model_max_length),
+                              processing_class=tokenizer, callbacks=callbacks)
+        elif online is None:
             trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
                                   processing_class=tokenizer, callbacks=callbacks)
         else:
