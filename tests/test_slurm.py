@@ -164,8 +164,8 @@ def test_two_task_job_trains_on_two_ranks(slurm_cluster: None, tmp_path: Path) -
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         (job_dir,) = _job_dirs(sweep_dir)
         assert len(list(sweep_dir.rglob("metrics.json"))) == 1 and (job_dir / "metrics.json").exists()
-        (task_dir,) = _array_task_dirs(sweep_dir).values()
-        logs = {r: (task_dir / f"{task_dir.name}_{r}_log.out").read_text() for r in (0, 1)}
+        # One job, two tasks: submitit keeps each task's output as <job id>_<task>_log.out.
+        logs = {r: next(sweep_dir.glob(f".submitit/*/*_{r}_log.out")).read_text() for r in (0, 1)}
         for r, text in logs.items():
             assert re.search(rf"train: building \S+ on rank {r} of 2", text), f"task {r} did not train"
             assert re.search(rf"sample: building \S+ on rank {r} of 2", text), f"task {r} did not sample"
