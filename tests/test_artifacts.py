@@ -89,3 +89,29 @@ def test_collective_stage_runs_on_every_rank_and_rank0_finishes_it(tmp_path: Pat
         assert p.exitcode == 0
     assert sorted(log.read_text().split("\n")[:-1]) == ["rank 0", "rank 1"]
     assert [p.name for p in (tmp_path / "train").iterdir() if p.is_dir()] == [digest({"k": 1})]
+
+
+def _failing_rank(root: str, rank: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", RRHF_LAUNCH_ID="test-launch")
+
+    def build(work: Path) -> None:
+        if rank == 1:
+            raise ValueError("bad data on rank 1")
+
+    try:
+        run_stage(Path(root), "sample", {"k": 2}, build, all_ranks=True)
+    except Exception as error:  # the test reads what each rank saw
+        Path(out).with_suffix(f".{rank}").write_text(f"{type(error).__name__}: {error}")
+
+
+def test_a_failing_rank_stops_the_others_instead_of_leaving_them_waiting(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_failing_rank, args=(str(tmp_path), r, str(tmp_path / "seen"))) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0, "a rank kept waiting"
+    assert (tmp_path / "seen.1").read_text() == "ValueError: bad data on rank 1"
+    assert "another rank failed: rank 1: ValueError: bad data on rank 1" in (tmp_path / "seen.0").read_text()
+    assert not list((tmp_path / "sample").glob("*/DONE"))

@@ -23,7 +23,7 @@ from typing import Any
 
 from rrhf.launch import launch_id, rank, world_size
 from rrhf.sharding import clean as clean_shards
-from rrhf.sharding import wait_for
+from rrhf.sharding import mark_failed, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,14 @@ def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[
             return target, False
         work.mkdir(parents=True, exist_ok=True)
         log.info("%s: building %s on rank %d of %d", stage, target, me, world)
-        build(work)
+        try:
+            build(work)
+        except BaseException as error:
+            mark_failed(work, error)
+            raise
         (work / f"built-{me}-of-{world}.{launch}").touch()
         if me != 0:
-            wait_for(target, ["DONE"], what=f"{stage}: rank 0 to complete {target.name}")
+            wait_for(target, ["DONE"], what=f"{stage}: rank 0 to complete {target.name}", work=work)
             return target, True
         wait_for(work, [f"built-{r}-of-{world}.{launch}" for r in range(world)], what=f"{stage}: every rank")
         clean_shards(work)

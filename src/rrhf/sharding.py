@@ -122,10 +122,18 @@ def shard_mapper(work: Path, name: str, *, crash_stage: str | None = None) -> Ma
     return run
 
 
-def wait_for(folder: Path, names: Sequence[str], *, what: str) -> None:
-    """Block until every file in `names` exists in `folder` (logging now and then while waiting)."""
+def wait_for(folder: Path, names: Sequence[str], *, what: str, work: Path | None = None) -> None:
+    """Block until every file in `names` exists in `folder` (logging now and then while waiting).
+
+    Raises when another rank of this launch has marked the stage's work folder as failed (`mark_failed`):
+    without a launcher that ends the job when one task fails, the others would wait until the time limit.
+    """
     started, told = time.monotonic(), 0.0
+    work, launch = Path(work or folder), launch_id()
     while not all((Path(folder) / n).exists() for n in names):
+        failed = sorted(work.glob(f"failed-*.{launch}"))
+        if failed:
+            raise RuntimeError(f"{what}: another rank failed: {failed[0].read_text().strip()}")
         waited = time.monotonic() - started
         if waited - told > 60:
             log.info("waiting for %s (%.0f s)", what, waited)
@@ -133,11 +141,17 @@ def wait_for(folder: Path, names: Sequence[str], *, what: str) -> None:
         time.sleep(POLL_SECONDS)
 
 
+def mark_failed(work: Path, error: BaseException) -> None:
+    """Tell the other ranks of this launch, waiting in `wait_for`, that this rank's part of the stage failed."""
+    if Path(work).is_dir():
+        (Path(work) / f"failed-{rank()}.{launch_id()}").write_text(f"rank {rank()}: {type(error).__name__}: {error}\n")
+
+
 def clean(work: Path) -> None:
     """Remove the shards and marks once the stage's own files hold the results."""
     for path in Path(work).glob("*.shard-*.jsonl"):
         path.unlink()
-    for path in Path(work).glob("*.done-*-of-*.*"):
+    for path in [*Path(work).glob("*.done-*-of-*.*"), *Path(work).glob("failed-*")]:
         path.unlink()
 
 
