@@ -42,6 +42,29 @@ def test_smoke_run_writes_metrics_and_table(smoke) -> None:
         assert len(row["responses"]) == len(row["scores"]) == 6  # 4 sampled + chosen + rejected
 
 
+def test_collation_of_the_smoke_run(smoke) -> None:
+    """Every table every time; Table 6's statistics are those of all candidates; captions name the judge and
+    reward model the run used (the tiny model and VADER, not the paper's gpt2-medium and GPT-J)."""
+    import pandas as pd
+
+    tmp, _ = smoke
+    tables = tmp / "tables"
+    for n in (2, 5, 6, 7, 10):  # Table 7 and 10 have no run here: dashes
+        for name in (f"table{n}.tex", f"table{n}.csv", f"table{n}_vs_paper.tex", f"table{n}_vs_paper.csv"):
+            assert (tables / name).is_file(), name
+    metrics = json.loads((tmp / "results" / "smoke" / "metrics.json").read_text())
+    stats = json.loads((Path(metrics["candidates"]).parent / "stats.json").read_text())
+    row = pd.read_csv(tables / "table6.csv").set_index("row").loc["alpaca-DP"]
+    for column, key in (("Mean", "mean"), ("Std.", "std"), ("Max", "max")):
+        assert row[f"{column} ours"] == float(f"{stats['all'][key]:.2f}"), column
+    assert stats["sampled"] != stats["all"]  # the check tells the two apart
+    for n in (2, 6):
+        tex = (tables / f"table{n}.tex").read_text()
+        assert "Ours: perplexity by embedded:tiny, reward by vader." in tex
+        assert "The paper: perplexity by gpt2-medium, reward by Dahoas/gptj-rm-static." in tex
+    assert set(pd.read_csv(tables / "table7.csv", keep_default_na=False)["ours"]) == {""}
+
+
 def test_rerun_does_no_stage_work(smoke) -> None:
     tmp, _ = smoke
     done = {p: p.stat().st_mtime_ns for p in (tmp / "artifacts").glob("*/*/DONE")}
