@@ -77,7 +77,8 @@ def test_rerun_does_no_stage_work(smoke) -> None:
 
 
 def test_sweep_logging_to_wandb_offline_runs_every_job(tmp_path: Path) -> None:
-    # Each training run must close its wandb run: the next job of the sweep shares the process.
+    # One wandb run per job, named by its overrides in the sweep's group, holding the training curves and the
+    # evaluation metrics; each job closes its run, since the next job of the sweep shares the process.
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "run.py", "-m", "experiment=smoke", "seed=1,2", "trainer.args.report_to=[wandb]",
            f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
@@ -85,7 +86,12 @@ def test_sweep_logging_to_wandb_offline_runs_every_job(tmp_path: Path) -> None:
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((tmp_path / "results").rglob("metrics.json"))) == 2
-    assert list((tmp_path / "artifacts" / "train").glob("*/wandb/offline-run-*"))
+    for seed in (1, 2):
+        job = next((tmp_path / "results" / "smoke").glob(f"*seed={seed}*"))
+        (record,) = job.glob("wandb/offline-run-*/run-*.wandb")  # the job's one run
+        data = record.read_bytes()
+        assert all(key in data for key in (job.name.encode(), b"smoke", b"train/loss", b"final/reward"))
+    assert not list((tmp_path / "artifacts").rglob("offline-run-*"))  # training logged into the job's run
 
 
 @pytest.mark.parametrize("method", ["best_of_n", "sft"])

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from rrhf import tracking
 from rrhf.artifacts import world_size, write_json_atomic
 from rrhf.collator import RRHFCollator
 from rrhf.data import read_jsonl, with_dataset_responses, write_jsonl
@@ -104,6 +105,7 @@ class OnlineCandidates:
         write_jsonl(self.log_dir / f"step-{step}.jsonl",
                     ({**record, "rewards": rs, "log_ratios": ks} for record, rs, ks in zip(self.records, rewards, kls)))
         write_json_atomic(self.log_dir / f"step-{step}.json", stats)  # a redone refresh overwrites its own
+        tracking.log(stats, prefix="op_refresh")
         log.info("OP-%d refresh at step %d: sampled reward mean %.4f", self.refresh_steps, step,
                  stats["reward"]["mean"])
         return stats
