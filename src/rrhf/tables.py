@@ -44,7 +44,8 @@ DIGITS = 2  # every number is printed, and kept in the CSV files, with two decim
 # or the reward model's for the row that names it).
 MEASURED_BY = {"PPL": "judge", "Perplexity": "judge", "Reward": "reward", "Mean": "reward", "Std.": "reward",
                "Max": "reward"}
-MEASURE_NAMES = {"judge": "perplexity", "reward": "reward"}
+MEASURE_NAMES = {"judge": "perplexity", "reward": "reward"}  # in captions
+PER_ROW_HEADER = {"judge": "PPL judge", "reward": "Reward model"}  # the column naming it where rows differ
 SAMPLE_SETS = ("all", "sampled")  # Table 6's statistics: every training candidate, or the generated ones only
 
 
@@ -174,13 +175,14 @@ def build_table(number: int, spec: dict, entries: dict, observations: list[Obser
     """One line per (paper row, our model/task, judge, reward): paper value, ours, spread, difference, per
     column; a paper row that no run fills has one line with ours empty."""
     family = "imdb" if number in IMDB_TABLES else "hh"
+    used = {MEASURED_BY[c] for c in spec["columns"] if c in MEASURED_BY}
     records = []
     for row_id, row in spec["rows"].items():
         groups: dict[tuple[str, str, str], list[Observation]] = {}
         for obs in observations:
             if _matches(row["key"], obs, family):
                 # Runs measured with another judge or reward model are never averaged together.
-                measured = (obs.ours, obs.measured.get("judge", ""), obs.measured.get("reward", ""))
+                measured = (obs.ours, *(obs.measured.get(m, "") if m in used else "" for m in ("judge", "reward")))
                 groups.setdefault(measured, []).append(obs)
         for (ours, judge, reward), group in sorted(groups.items()) or [(("", "", ""), [])]:
             cells = _cells(group, spec["columns"])
@@ -245,9 +247,6 @@ def _measured_text(spec: dict, measured: dict[str, list[str]]) -> str:
 def _per_row(measured: dict[str, list[str]]) -> list[str]:
     """The measures whose model differs between our rows: each gets a column naming it per row."""
     return [measure for measure, names in measured.items() if len(names) > 1]
-
-
-PER_ROW_HEADER = {"judge": "PPL judge", "reward": "Reward model"}
 
 
 def _samples_text(spec: dict, samples: str) -> str:
