@@ -11,9 +11,10 @@ Each measurement runs in a fresh subprocess (so the peak resident memory, or the
 one variant only), the variants interleaved. A step is forward + backward + AdamW update of `--queries`
 groups of k = 6 responses (prompt ~160 tokens, responses 20-120 tokens, random token ids), the same RRHF
 loss for all three. Prints median step times, responses per second, peak memory, the speed ratios and the
-largest log-prob difference between the variants.
+largest log-prob difference between the variants. On a CPU it also prints the process's CPU seconds per step,
+which other work on a shared machine inflates far less than the wall time (most of all with --threads 1).
 
-    python benchmarks/train_step.py [--model PATH] [--device cpu|cuda] [--dtype fp32|bf16] [--reps 3]
+    python benchmarks/train_step.py [--model PATH] [--device cpu|cuda] [--dtype fp32|bf16] [--reps 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -121,16 +122,18 @@ def sync(device: str) -> None:
 
 def worker_step(args: argparse.Namespace) -> dict:
     """Time `--steps` optimiser steps of one variant (after one warm-up step) and report the peak memory."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, groups = load(args)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-7)
     rewards = torch.randn(len(groups), args.k, generator=torch.Generator().manual_seed(1)).to(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps + 1):
         sync(args.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with autocast(args):
             sums, lengths = logprob_sums(model, groups, args.worker)
         loss = rrhf_loss(sums, lengths, rewards).loss
@@ -140,11 +143,12 @@ def worker_step(args: argparse.Namespace) -> dict:
         sync(args.device)
         if step > 0:
             times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
     if args.device == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-    return {"times": times, "peak_mib": peak_mib}
+    return {"times": times, "cpu_times": cpu_times, "peak_mib": peak_mib}
 
 
 def worker_compare(args: argparse.Namespace) -> dict:
@@ -173,7 +177,7 @@ def worker_compare(args: argparse.Namespace) -> dict:
 def run_worker(mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device", args.device,
            "--dtype", args.dtype, "--queries", str(args.queries), "--k", str(args.k), "--steps", str(args.steps),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--threads", str(args.threads)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="fresh processes per variant, interleaved")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per process, after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     parser.add_argument("--worker", choices=(*VARIANTS, "compare"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -199,7 +204,9 @@ def main() -> None:
         return
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, dtype {args.dtype}")
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, threads {threads}, device {args.device}, dtype {args.dtype}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
     groups = make_groups(49152, args.queries, args.k, args.seed)
     n_prompt = [p.numel() for p, _ in groups]
     n_resp = [r.numel() for _, rs in groups for r in rs]
@@ -209,20 +216,25 @@ def main() -> None:
         for variant in VARIANTS:
             res = run_worker(variant, args)
             results[variant].append(res)
-            print(f"  rep {rep} {variant:7s}: steps {', '.join(f'{t:.2f}' for t in res['times'])} s, "
-                  f"peak {res['peak_mib']:.0f} MiB", flush=True)
-    medians = {}
+            print(f"  rep {rep} {variant:7s}: steps {', '.join(f'{t:.2f}' for t in res['times'])} s "
+                  f"(CPU {', '.join(f'{t:.2f}' for t in res['cpu_times'])} s), peak {res['peak_mib']:.0f} MiB",
+                  flush=True)
+    medians, cpu_medians = {}, {}
     responses = args.queries * args.k
     mem_kind = "CUDA max allocated" if args.device == "cuda" else "max RSS"
     for variant in VARIANTS:
         times = [t for res in results[variant] for t in res["times"]]
         peaks = [res["peak_mib"] for res in results[variant]]
         medians[variant] = statistics.median(times)
-        print(f"{variant:7s}: median step {medians[variant]:.3f} s over {len(times)} steps, "
+        cpu_medians[variant] = statistics.median(t for res in results[variant] for t in res["cpu_times"])
+        print(f"{variant:7s}: median step {medians[variant]:.3f} s (CPU {cpu_medians[variant]:.3f} s) over "
+              f"{len(times)} steps, "
               f"{responses / medians[variant]:.2f} responses/s, peak {mem_kind} median "
               f"{statistics.median(peaks):.0f} MiB (max {max(peaks):.0f})")
     for fast, slow in (("shared", "authors"), ("concat", "authors"), ("shared", "concat")):
-        print(f"speed-up {fast} vs {slow}: {medians[slow] / medians[fast]:.2f}x")
+        print(f"speed-up {fast} vs {slow}: {medians[slow] / medians[fast]:.2f}x wall time, "
+              f"{cpu_medians[slow] / cpu_medians[fast]:.2f}x CPU time")
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     diff = run_worker("compare", args)
     print("max |per-token log-prob difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
 
