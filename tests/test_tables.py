@@ -1,11 +1,13 @@
 """The collator: runs found by their resolved config, matched to the paper's rows, seeds averaged,
-missing cells and failed runs listed, and every .tex compiles with pdflatex."""
+missing cells and failed runs listed, every table written every time, captions that name the judge and
+reward model of the runs, CSV numbers as printed, and every .tex compiles with pdflatex."""
 
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
@@ -14,6 +16,8 @@ from omegaconf import OmegaConf
 
 import rrhf  # noqa: F401  (registers the config resolvers)
 from rrhf.tables import REFERENCE, collate
+
+TABLES = [2, 5, 6, 7, 10]  # every table a run can fill (Table 3 is human evaluation, reference only)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -54,24 +58,80 @@ def results(tmp_path: Path) -> Path:
 def test_table6_rows_are_filled_beside_the_paper(results: Path, tmp_path: Path) -> None:
     out = tmp_path / "tables"
     collate(results, out)
-    import pandas as pd
-
     frame = pd.read_csv(out / "table6_vs_paper.csv")
     dp = frame[frame["row"] == "alpaca-DP"].iloc[0]
     assert dp["ours"] == "smollm2 / imdb_offline"  # says which model and task made it
+    assert dp["judge"] == "embedded:gemma3" and dp["reward"] == "vader"  # and what measured it
     assert dp["Reward ours"] == pytest.approx(0.5) and dp["Reward seeds"] == 2
-    assert dp["Reward spread"] == pytest.approx(0.35355, abs=1e-4)  # stdev of 0.25 and 0.75
-    assert dp["Mean ours"] == -0.6 and dp["Std. ours"] == 0.2 and dp["Max ours"] == 0.4  # sampled candidates
+    assert dp["Reward spread"] == 0.35  # stdev of 0.25 and 0.75 (0.3536), as the table prints it
+    # All training candidates, the data set's included, as the paper's statistics are.
+    assert dp["Mean ours"] == -0.5 and dp["Std. ours"] == 0.25 and dp["Max ours"] == 0.5
     reference = yaml.safe_load(REFERENCE.read_text())
     paper = {(e["row"], e["column"]): e["value"] for e in reference["entries"] if e["table"] == 6}
     assert dp["Reward paper"] == paper[("alpaca-DP", "Reward")]
-    assert dp["Reward diff"] == pytest.approx(0.5 - paper[("alpaca-DP", "Reward")])
+    assert dp["Reward diff"] == round(0.5 - paper[("alpaca-DP", "Reward")], 2)
     # The ablated run fills Table 7's "- L_rank" row and never Table 6's BP row.
     bp = frame[frame["row"] == "alpaca-BP"].iloc[0]
     assert bp["Reward ours"] == pytest.approx(0.1)
     table7 = pd.read_csv(out / "table7.csv").set_index("row")
     assert table7.loc["alpaca-BP-no_rank", "Reward ours"] == 0.0
     assert table7.loc["alpaca-BP", "Reward ours"] == pytest.approx(0.1)
+
+
+def test_table6_statistics_of_the_sampled_candidates_on_request(results: Path, tmp_path: Path) -> None:
+    collate(results, tmp_path / "tables", samples="sampled")
+    dp = pd.read_csv(tmp_path / "tables" / "table6.csv").set_index("row").loc["alpaca-DP"]
+    assert (dp["Mean ours"], dp["Std. ours"], dp["Max ours"]) == (-0.6, 0.2, 0.4)
+    assert "generated training candidates only" in (tmp_path / "tables" / "table6.tex").read_text()
+
+
+def test_csv_numbers_are_rounded_as_printed(results: Path, tmp_path: Path) -> None:
+    collate(results, tmp_path / "tables")
+    tex = (tmp_path / "tables" / "table2.tex").read_text()
+    for name in (f"table{n}{kind}.csv" for n in TABLES for kind in ("", "_vs_paper")):
+        frame = pd.read_csv(tmp_path / "tables" / name)
+        numbers = frame.select_dtypes("float").to_numpy().ravel()
+        numbers = numbers[~pd.isna(numbers)]
+        assert all(float(f"{x:.2f}") == x for x in numbers), name
+    dp = pd.read_csv(tmp_path / "tables" / "table2.csv").set_index("row").loc["alpaca-rrhf-DP"]
+    # The DP runs' PPL: 10.25 and 10.75, stdev 0.3536; the CSV holds what the .tex prints.
+    assert (dp["PPL ours"], dp["PPL spread"]) == (10.5, 0.35) and "10.50 $\\pm$ 0.35" in tex
+
+
+def test_every_table_every_time(tmp_path: Path) -> None:
+    # Nothing has run yet: every table and its comparison are still written, dashes in every cell of ours.
+    empty = tmp_path / "results"
+    empty.mkdir()
+    written = {p.name for p in collate(empty, tmp_path / "tables")}
+    for n in TABLES:
+        assert {f"table{n}.tex", f"table{n}.csv", f"table{n}_vs_paper.tex", f"table{n}_vs_paper.csv"} <= written
+        frame = pd.read_csv(tmp_path / "tables" / f"table{n}.csv", keep_default_na=False)
+        assert len(frame) == len(yaml.safe_load(REFERENCE.read_text())["tables"][n]["rows"])
+        assert set(frame["ours"]) == {""}
+    assert "Table 10, row rrhf-BP: no run" in (tmp_path / "tables" / "missing.txt").read_text()
+    collate(empty, tmp_path / "tables", strict=True)  # no table is filled, so none is incomplete
+
+
+def test_captions_name_the_judge_and_reward_model_of_the_runs(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    _fake_run(root / "offline", ["sampling=DP"], reward=0.5)
+    collate(root, tmp_path / "tables")
+    tex = (tmp_path / "tables" / "table2.tex").read_text()
+    assert "Ours: perplexity by embedded:gemma3, reward by vader." in tex
+    assert "The paper: perplexity by gpt2-medium, reward by Dahoas/gptj-rm-static." in tex
+    assert " & embedded:gemma3 & vader \\\\\n" in tex  # under the PPL and Reward headers
+    # A second run measured with the paper's judge and reward model: each row names its own.
+    _fake_run(root / "hh", ["sampling=DP", "eval=hh", "reward=gptj_rm_static", "seed=7"], reward=0.1)
+    collate(root, tmp_path / "tables")
+    tex = (tmp_path / "tables" / "table6_vs_paper.tex").read_text()
+    assert "perplexity by the model named in each row, reward by the model named in each row" in tex
+    assert "PPL judge & Reward model" in tex
+    frame = pd.read_csv(tmp_path / "tables" / "table6_vs_paper.csv")
+    dp = frame[frame["row"] == "alpaca-DP"].set_index("judge")
+    # Never averaged across judges: one line per judge and reward model.
+    assert dp.loc["gpt2-medium", "reward"] == "Dahoas/gptj-rm-static" and dp.loc["gpt2-medium", "Reward ours"] == 0.1
+    assert dp.loc["embedded:gemma3", "Reward ours"] == 0.5
+    assert "textbf" not in (tmp_path / "tables" / "table2.tex").read_text()  # no best across reward models
 
 
 def test_missing_cells_and_failed_runs_are_listed(results: Path, tmp_path: Path) -> None:
@@ -82,6 +142,7 @@ def test_missing_cells_and_failed_runs_are_listed(results: Path, tmp_path: Path)
     assert "out of memory" in report and str(results / "p") in report
     vs_paper = (out / "table6_vs_paper.tex").read_text()
     assert "--" in vs_paper
+    assert "Table 10, row rrhf-BP: no run" in report  # tables no run fills are listed too
     with pytest.raises(SystemExit, match="missing cells"):
         collate(results, out, strict=True)
 
@@ -94,9 +155,12 @@ def test_best_value_is_bold(results: Path, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed (Debian texlive-latex-base)")
 def test_every_table_compiles_with_pdflatex(results: Path, tmp_path: Path) -> None:
+    # One run measured with the paper's judge and reward model: the tables name them per row.
+    _fake_run(results / "hh", ["sampling=BP", "eval=hh", "reward=gptj_rm_static"], reward=0.2)
     written = collate(results, tmp_path / "tables")
+    assert "PPL judge & Reward model" in (tmp_path / "tables" / "table6.tex").read_text()
     tex_files = [p for p in written if p.suffix == ".tex"]
-    assert len(tex_files) >= 4
+    assert len(tex_files) == 2 * len(TABLES)
     for tex in tex_files:
         document = tmp_path / f"doc_{tex.stem}.tex"
         document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"

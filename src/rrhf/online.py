@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from rrhf import tracking
 from rrhf.collator import RRHFCollator
 from rrhf.data import read_jsonl, with_dataset_responses, write_jsonl
 from rrhf.generation import eval_mode, generate_batch
@@ -187,6 +188,7 @@ class OnlineCandidates:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(self._log_file(step), kept)  # written whole or not at all: a resume reads it
         stats = _statistics(step, kept)
+        tracking.log(stats, prefix="op_refresh")
         log.info("OP-%d refresh at step %d: %d prompts, sampled reward mean %s", self.refresh_steps, step,
                  len(due), stats.get("reward", {}).get("mean"))
         return stats

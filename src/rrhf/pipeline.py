@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rrhf import placement
+from rrhf import placement, tracking
 from rrhf.artifacts import run_stage, write_json_atomic
 from rrhf.data import read_jsonl
 from rrhf.launch import crash_point, rank, world_size
@@ -399,6 +399,7 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage the config asks for and write `metrics.json` into the run folder."""
     _set_threads(cfg)
+    tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
     model_path = cfg.model.path
     metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, Evaluated.policy(model_path, f"model:{model_path}"))}
@@ -452,6 +453,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
         return metrics
     write_json_atomic(run_dir / "metrics.json", metrics)
+    tracking.finish(metrics)
     # Kept apart from metrics.json, which is a pure function of the config and seed.
     write_json_atomic(run_dir / "timing.json", {"wall_seconds": round(time.time() - started, 2), "stages": costs})
     log.info("metrics: reward %.4f -> %.4f, ppl(paper) %.2f -> %.2f", metrics["initial"]["reward"],

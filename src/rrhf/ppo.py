@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from rrhf import tracking
 from rrhf.assets import load_causal_lm
 from rrhf.generation import check_context, left_truncated_batch, pad_id, sample, trlx_stop_cut
 from rrhf.placement import Placement
@@ -578,6 +579,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
                "seconds": time.perf_counter() - started}
         state.history.append(row)
         (output_dir / "log_history.json").write_text(json.dumps(state.history, indent=1))
+        tracking.log(row, prefix="ppo")
         log.info("ppo round %d/%d: score %.4f, delta %.4f, kl %.4f (coef %.5f), pg %.4f, vf %.4f, %.1f tokens, "
                  "%.1fs", state.round, config.iterations, row["mean_score"], row["mean_reward_delta"],
                  row["mean_kl"], row["kl_coef"], row["pg_loss"], row["vf_loss"], row["mean_response_tokens"],

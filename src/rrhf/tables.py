@@ -1,14 +1,16 @@
 """Collect finished runs into the paper's tables, beside the paper's own numbers.
 
-    python -m rrhf.tables results/ --out paper_tables/ [--strict] [--ppl exact]
+    python -m rrhf.tables results/ --out paper_tables/ [--strict] [--ppl exact] [--samples sampled]
 
 Runs are found by the resolved config Hydra saved beside each `metrics.json` (never by folder names)
 and matched to the rows of `paper_tables/reference.yaml` by their keys (model, sampling, method, ...).
 A run made with another model or task than the paper's fills the row it stands in for (the model
-config's `stands_in_for`), and every table says which model and task made each of our rows. Per table
-this writes `tableN.tex` / `.csv` (our numbers, seeds averaged, spread reported) and
-`tableN_vs_paper.tex` / `.csv` (paper, ours and the difference). Missing cells are dashes and are
-listed; failed runs (a FAILED marker) are listed too.
+config's `stands_in_for`), and every table says which model and task made each of our rows, and which
+perplexity judge and reward model measured them (from the run's config; per row where runs differ).
+Every table (2, 5, 6, 7, 10) is written on every collation: `tableN.tex` / `.csv` (our numbers, seeds
+averaged, spread reported) and `tableN_vs_paper.tex` / `.csv` (paper, ours and the difference), with
+dashes where no run exists. The CSV files hold the numbers rounded as the tables print them. Missing
+cells are listed in `missing.txt`; failed runs (a FAILED marker) are listed too.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ REFERENCE = PROJECT_ROOT / "paper_tables" / "reference.yaml"
 IMDB_TABLES = {10}
 LOWER_IS_BETTER = {"PPL", "Perplexity"}
 NOT_RANKED = {"Std."}
+DIGITS = 2  # every number is printed, and kept in the CSV files, with two decimals
+# What measured each column: the perplexity judge or the reward model (Accuracy is the policy's own score,
+# or the reward model's for the row that names it).
+MEASURED_BY = {"PPL": "judge", "Perplexity": "judge", "Reward": "reward", "Mean": "reward", "Std.": "reward",
+               "Max": "reward"}
+MEASURE_NAMES = {"judge": "perplexity", "reward": "reward"}  # in captions
+PER_ROW_HEADER = {"judge": "PPL judge", "reward": "Reward model"}  # the column naming it where rows differ
+SAMPLE_SETS = ("all", "sampled")  # Table 6's statistics: every training candidate, or the generated ones only
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Observation:
     values: dict[str, float]
     artifact: str
     family: str  # hh | imdb | offline (the embedded task fills both families' tables)
+    measured: dict[str, str] = field(default_factory=dict)  # judge and reward model, by MEASURED_BY's names
 
 
 @dataclass
@@ -59,18 +70,26 @@ class Collection:
     candidates: dict[str, Path] = field(default_factory=dict)  # sampling setting -> training file
 
 
-def _values(metrics: dict, samples: dict | None, ppl: str) -> dict[str, float]:
+def _values(metrics: dict, samples: dict | None, ppl: str, sample_set: str = "all") -> dict[str, float]:
     values = {"PPL": metrics.get(f"ppl_{ppl}"), "Perplexity": metrics.get(f"ppl_{ppl}"),
               "Reward": metrics.get("reward")}
     if "rm_accuracy_paper" in metrics:
         values["Accuracy"] = 100 * metrics["rm_accuracy_paper"]
-    if samples:  # Table 6: statistics of the samples the policy generated (the data set's where none)
-        stats = samples.get("sampled") or samples["all"]
+    # Table 6: statistics of the setting's training candidates. The paper's are over all of them, the data
+    # set's included (DP's mean is the weighted mean of D's and P's: docs/paper-notes.md section 6);
+    # "sampled" keeps the generated ones only, and a setting that generates none (P) has no value then.
+    stats = (samples or {}).get(sample_set)
+    if stats:
         values |= {"Mean": stats["mean"], "Std.": stats["std"], "Max": stats["max"]}
     return {k: v for k, v in values.items() if v is not None}
 
 
-def find_runs(results: Path, *, ppl: str = "paper") -> Collection:
+def _reward_model(reward: DictConfig) -> str:
+    """The reward a run used, by the model it loads where it loads one (else the scorer's name)."""
+    return str(reward.get("checkpoint_repo") or reward.get("path") or reward.name)
+
+
+def find_runs(results: Path, *, ppl: str = "paper", samples: str = "all") -> Collection:
     """Every observation the finished runs under `results` provide, and the runs that failed."""
     found = Collection()
     for config_file in sorted(Path(results).rglob(".hydra/config.yaml")):
@@ -86,10 +105,11 @@ def find_runs(results: Path, *, ppl: str = "paper") -> Collection:
         stands_in = OmegaConf.to_container(cfg.model.get("stands_in_for") or {})
         model = {fam: stands_in.get(fam, cfg.model.name) for fam in ("hh", "imdb")}
         ours = f"{cfg.model.name} / {cfg.task.name}"
+        measured = {"judge": str(cfg.eval.get("judge", "?")), "reward": _reward_model(cfg.reward)}
 
         def add(key: dict, values: dict, artifact: str, ours: str = ours, seed: int = cfg.seed,
-                family: str = family) -> None:
-            found.observations.append(Observation(key, ours, seed, values, artifact, family))
+                family: str = family, measured: dict = measured) -> None:
+            found.observations.append(Observation(key, ours, seed, values, artifact, family, measured))
 
         add({"model": model, "sampling": "none", "method": "none"},
             _values(metrics["initial"], None, ppl), metrics["initial"]["artifact"])
@@ -107,7 +127,7 @@ def find_runs(results: Path, *, ppl: str = "paper") -> Collection:
             add({"model": model, "sampling": setting, "method": cfg.method.name,
                  "rank_weight": float(train_args.get("rank_weight", 1.0)),
                  "kl_coef": float(cfg.sampling.get("kl_coef") or 0.0)},
-                _values(metrics["final"], metrics.get("samples"), ppl), metrics["final"]["artifact"])
+                _values(metrics["final"], metrics.get("samples"), ppl, samples), metrics["final"]["artifact"])
         if metrics.get("train_log") and Path(metrics["train_log"]).exists():
             found.train_logs[f"{ours} {cfg.sampling.name} seed {cfg.seed} ({folder.name})"] = Path(metrics["train_log"])
         if metrics.get("candidates") and Path(metrics["candidates"]).exists():
@@ -152,17 +172,22 @@ def _cells(observations: list[Observation], columns: list[str]) -> dict[str, tup
 
 
 def build_table(number: int, spec: dict, entries: dict, observations: list[Observation]) -> pd.DataFrame:
-    """One line per (paper row, our model/task): paper value, ours, spread, difference, per column."""
+    """One line per (paper row, our model/task, judge, reward): paper value, ours, spread, difference, per
+    column; a paper row that no run fills has one line with ours empty."""
     family = "imdb" if number in IMDB_TABLES else "hh"
+    used = {MEASURED_BY[c] for c in spec["columns"] if c in MEASURED_BY}
     records = []
     for row_id, row in spec["rows"].items():
-        matching = [o for o in observations if _matches(row["key"], o, family)]
-        groups: dict[str, list[Observation]] = {}
-        for obs in matching:
-            groups.setdefault(obs.ours, []).append(obs)
-        for ours, group in sorted(groups.items()) or [("", [])]:
+        groups: dict[tuple[str, str, str], list[Observation]] = {}
+        for obs in observations:
+            if _matches(row["key"], obs, family):
+                # Runs measured with another judge or reward model are never averaged together.
+                measured = (obs.ours, *(obs.measured.get(m, "") if m in used else "" for m in ("judge", "reward")))
+                groups.setdefault(measured, []).append(obs)
+        for (ours, judge, reward), group in sorted(groups.items()) or [(("", "", ""), [])]:
             cells = _cells(group, spec["columns"])
-            record = {"row": row_id, **dict(zip(spec["label_columns"], row["label"])), "ours": ours}
+            record = {"row": row_id, **dict(zip(spec["label_columns"], row["label"])), "ours": ours,
+                      "judge": judge, "reward": reward}
             for column in spec["columns"]:
                 paper = entries.get((number, row_id, column), math.nan)
                 mean, spread, seeds = cells.get(column, (math.nan, math.nan, 0))
@@ -187,77 +212,168 @@ def _sentence(text: str) -> str:
 def _number(value: float, spread: float = 0.0, seeds: int = 1) -> str:
     if value is None or math.isnan(value):
         return "--"
-    return f"{value:.2f}" + (f" $\\pm$ {spread:.2f}" if seeds > 1 else "")
+    return f"{value:.{DIGITS}f}" + (f" $\\pm$ {spread:.{DIGITS}f}" if seeds > 1 else "")
 
 
-def _tabular(header: list[str], lines: list[list[str]], n_labels: int, caption: str, label: str) -> str:
-    spec = "l" * n_labels + "r" * (len(header) - n_labels)
-    body = "\n".join(" & ".join(cells) + r" \\" for cells in lines)
-    return (f"\\begin{{table}}[t]\n\\centering\n\\caption{{{_latex_text(caption)}}}\n\\label{{{label}}}\n"
-            f"\\begin{{tabular}}{{{spec}}}\n\\toprule\n{' & '.join(header)} \\\\\n\\midrule\n{body}\n"
-            "\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+def _printed(value: Any) -> Any:
+    """A number as the tables print it (the same rounding as `_number`), for the CSV files."""
+    if isinstance(value, float) and not math.isnan(value):
+        return float(f"{value:.{DIGITS}f}")
+    return value
 
 
-def ours_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str) -> str:
-    """Our numbers in the paper's column order, the best of each column in bold."""
+def _measured(spec: dict, frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Per measure the table's columns use (judge, reward): the names our rows were measured with."""
     ours = frame[frame["ours"] != ""]
+    used = dict.fromkeys(MEASURED_BY[c] for c in spec["columns"] if c in MEASURED_BY)
+    return {measure: sorted(set(ours[measure])) for measure in used}
+
+
+def _measured_text(spec: dict, measured: dict[str, list[str]]) -> str:
+    """The caption's sentence naming what measured our rows and the paper's."""
+    ours, paper = [], []
+    for measure, names in measured.items():
+        what = MEASURE_NAMES[measure]
+        if len(names) == 1:
+            ours.append(f"{what} by {names[0]}")
+        elif names:
+            ours.append(f"{what} by the model named in each row")
+        if (spec.get("measured_with") or {}).get(measure):
+            paper.append(f"{what} by {spec['measured_with'][measure]}")
+    text = f"Ours: {', '.join(ours)}. " if ours else ""
+    return text + (f"The paper: {', '.join(paper)}. " if paper else "")
+
+
+def _per_row(measured: dict[str, list[str]]) -> list[str]:
+    """The measures whose model differs between our rows: each gets a column naming it per row."""
+    return [measure for measure, names in measured.items() if len(names) > 1]
+
+
+def _samples_text(spec: dict, samples: str) -> str:
+    if "Mean" not in spec["columns"]:
+        return ""
+    return ("Mean / Std. / Max over all training candidates of a setting, the data set's included. "
+            if samples == "all" else "Mean / Std. / Max over the generated training candidates only. ")
+
+
+def _columns(tuples: list[tuple[str, ...]]) -> pd.Index:
+    """Header rows: one, or two where a second level says something."""
+    if all(not rest or not any(rest) for _, *rest in tuples):
+        return pd.Index([first for first, *_ in tuples])
+    return pd.MultiIndex.from_tuples(tuples)
+
+
+def _styled_latex(cells: list[list[str]], columns: pd.Index, n_labels: int, caption: str, label: str,
+                  bold: set[tuple[int, int]] | frozenset = frozenset()) -> str:
+    """A booktabs table through pandas' Styler: cells and headers are LaTeX already (no escaping), the
+    cells in `bold` (row, column positions) set in bold."""
+    frame = pd.DataFrame(cells, columns=columns) if cells else pd.DataFrame(columns=columns)
+    styler = frame.style.hide(axis="index")
+    if bold:
+        props = [["textbf:--rwrap;" if (i, j) in bold else "" for j in range(frame.shape[1])]
+                 for i in range(frame.shape[0])]
+        styler = styler.apply(lambda _: pd.DataFrame(props, index=frame.index, columns=frame.columns), axis=None)
+    return styler.to_latex(column_format="l" * n_labels + "r" * (frame.shape[1] - n_labels), hrules=True,
+                           caption=_latex_text(caption), label=label, position="t", position_float="centering",
+                           multicol_align="c")
+
+
+def _label_cells(spec: dict, r: pd.Series, per_row: list[str]) -> list[str]:
+    return ([_latex_text(r[c]) for c in spec["label_columns"]] + [_latex_text(r["ours"]) or "--"]
+            + [_latex_text(r[m]) or "--" for m in per_row])
+
+
+def _label_headers(spec: dict, ours: str, per_row: list[str]) -> list[str]:
+    return ([_latex_text(c) or "Method" for c in spec["label_columns"]] + [ours]
+            + [PER_ROW_HEADER[m] for m in per_row])
+
+
+def ours_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str, samples: str = "all") -> str:
+    """Our numbers in the paper's column order, every paper row (dashes where no run fills it), the best
+    of each column in bold; the header names the judge and reward model under each column."""
+    measured = _measured(spec, frame)
+    per_row = _per_row(measured)
+    has_run = frame["ours"] != ""
     best = {}
     for column in spec["columns"]:
-        values = ours[f"{column} ours"].dropna()
-        if column not in NOT_RANKED and len(values) > 1:
+        values = frame.loc[has_run, f"{column} ours"].dropna()
+        # Values measured with different judges or reward models are not ranked against each other.
+        if column not in NOT_RANKED and len(values) > 1 and MEASURED_BY.get(column) not in per_row:
             best[column] = values.min() if column in LOWER_IS_BETTER else values.max()
-    lines = []
-    for _, r in ours.iterrows():
-        cells = [_latex_text(r[c]) for c in spec["label_columns"]] + [_latex_text(r["ours"])]
-        for column in spec["columns"]:
-            text = _number(r[f"{column} ours"], r[f"{column} spread"], r[f"{column} seeds"])
-            cells.append(f"\\textbf{{{text}}}" if best.get(column) == r[f"{column} ours"] else text)
+    lines, bold = [], set()
+    n_labels = len(spec["label_columns"]) + 1 + len(per_row)
+    for i, (_, r) in enumerate(frame.iterrows()):
+        cells = _label_cells(spec, r, per_row)
+        for j, column in enumerate(spec["columns"]):
+            cells.append(_number(r[f"{column} ours"], r[f"{column} spread"], r[f"{column} seeds"]))
+            if r["ours"] and best.get(column) == r[f"{column} ours"]:
+                bold.add((i, n_labels + j))
         lines.append(cells)
-    header = [_latex_text(c) or "Method" for c in spec["label_columns"]] + ["Model / task (ours)"]
-    header += [_latex_text(c) for c in spec["columns"]]
+    headers = [(h, "") for h in _label_headers(spec, "Model / task (ours)", per_row)]
+    for column in spec["columns"]:
+        names = measured.get(MEASURED_BY.get(column), [])
+        headers.append((_latex_text(column), _latex_text(names[0]) if len(names) == 1 else
+                        ("per row" if names else "")))
     caption = (f"{_sentence(spec.get('caption') or spec['name'])} Our runs; rows name the model and task that made "
-               f"them. PPL in {ppl} mode; mean $\\pm$ std over seeds where there are several.")
-    return _tabular(header, lines, len(spec["label_columns"]) + 1, caption, f"tab:table{number}")
+               f"them, dashes where no run fills a row. {_measured_text(spec, measured)}{_samples_text(spec, samples)}"
+               f"PPL in {ppl} mode; mean $\\pm$ std over seeds where there are several.")
+    return _styled_latex(lines, _columns(headers), n_labels, caption, f"tab:table{number}", bold)
 
 
-def side_by_side_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str) -> str:
+def side_by_side_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str, samples: str = "all") -> str:
     """Every paper row with the paper's value, ours and the difference; a dash where either is missing."""
+    measured = _measured(spec, frame)
+    per_row = _per_row(measured)
     lines = []
     for _, r in frame.iterrows():
-        cells = [_latex_text(r[c]) for c in spec["label_columns"]] + [_latex_text(r["ours"]) or "--"]
+        cells = _label_cells(spec, r, per_row)
         for column in spec["columns"]:
             cells += [_number(r[f"{column} paper"]), _number(r[f"{column} ours"]), _number(r[f"{column} diff"])]
         lines.append(cells)
-    header = [_latex_text(c) or "Method" for c in spec["label_columns"]] + ["Ours from"]
+    headers = [(h, "") for h in _label_headers(spec, "Ours from", per_row)]
     for column in spec["columns"]:
-        header += [f"{_latex_text(column)} paper", "ours", r"$\Delta$"]
+        headers += [(_latex_text(column), "paper"), (_latex_text(column), "ours"), (_latex_text(column), r"$\Delta$")]
     caption = (f"{_sentence(spec.get('caption') or spec['name'])} Paper and ours side by side (PPL in {ppl} mode); "
-               "ours come from the model and task named in each row.")
-    return _tabular(header, lines, len(spec["label_columns"]) + 1, caption, f"tab:table{number}-vs-paper")
+               f"ours come from the model and task named in each row. {_measured_text(spec, measured)}"
+               f"{_samples_text(spec, samples)}")
+    return _styled_latex(lines, _columns(headers), len(spec["label_columns"]) + 1 + len(per_row), caption.strip(),
+                         f"tab:table{number}-vs-paper")
 
 
-def collate(results: Path, out: Path, *, reference: Path = REFERENCE, ppl: str = "paper",
+def _csv(frame: pd.DataFrame) -> str:
+    return frame.map(_printed).to_csv(index=False)
+
+
+def collate(results: Path, out: Path, *, reference: Path = REFERENCE, ppl: str = "paper", samples: str = "all",
             strict: bool = False) -> list[Path]:
-    """Write every table that at least one finished run fills; return the files written."""
+    """Write every table of the paper that a run can fill (dashes where none does); return the files written.
+
+    `samples` picks Table 6's Mean / Std. / Max: over "all" training candidates (the paper's) or the
+    "sampled" ones. With `strict`, a missing cell of a table that some run fills, or a failed run, is an error.
+    """
+    if samples not in SAMPLE_SETS:
+        raise ValueError(f"samples={samples!r}: expected one of {SAMPLE_SETS}")
     ref = yaml.safe_load(reference.read_text())
     entries = {(e["table"], e["row"], e["column"]): float(e["value"]) for e in ref["entries"]}
-    found = find_runs(results, ppl=ppl)
+    found = find_runs(results, ppl=ppl, samples=samples)
     out.mkdir(parents=True, exist_ok=True)
-    written, missing = [], []
+    written, missing, blocking = [], [], []
     for number, spec in ref["tables"].items():
         if spec.get("reference_only"):
             continue
         frame = build_table(number, spec, entries, found.observations)
-        if frame.empty or (frame["ours"] == "").all():
-            continue
-        for _, r in frame[frame["ours"] != ""].iterrows():
-            missing += [f"Table {number}, row {r['row']} ({r['ours']}), column {c}: no value"
-                        for c in spec["columns"] if math.isnan(r[f"{c} ours"])]
-        missing += [f"Table {number}, row {r['row']}: no run" for _, r in frame.iterrows() if r["ours"] == ""]
-        files = {f"table{number}.tex": ours_latex(number, spec, frame, ppl),
-                 f"table{number}.csv": frame[frame["ours"] != ""].to_csv(index=False),
-                 f"table{number}_vs_paper.tex": side_by_side_latex(number, spec, frame, ppl),
-                 f"table{number}_vs_paper.csv": frame.to_csv(index=False)}
+        has_run = frame["ours"] != ""
+        lines = [f"Table {number}, row {r['row']} ({r['ours']}), column {c}: no value"
+                 for _, r in frame[has_run].iterrows() for c in spec["columns"] if math.isnan(r[f"{c} ours"])]
+        lines += [f"Table {number}, row {r['row']}: no run" for _, r in frame[~has_run].iterrows()]
+        missing += lines
+        if has_run.any():
+            blocking += lines
+        ours_columns = [c for c in frame.columns if not c.endswith((" paper", " diff"))]
+        files = {f"table{number}.tex": ours_latex(number, spec, frame, ppl, samples),
+                 f"table{number}.csv": _csv(frame[ours_columns]),
+                 f"table{number}_vs_paper.tex": side_by_side_latex(number, spec, frame, ppl, samples),
+                 f"table{number}_vs_paper.csv": _csv(frame)}
         for name, text in files.items():
             (out / name).write_text(text)
             written.append(out / name)
@@ -268,9 +384,9 @@ def collate(results: Path, out: Path, *, reference: Path = REFERENCE, ppl: str =
              len(found.observations), len(found.failed), len(written), out, len(missing), out / "missing.txt")
     for line in found.failed:
         log.warning("failed run: %s", line)
-    if strict and (missing or found.failed):
-        raise SystemExit(f"collate --strict: {len(missing)} missing cells, {len(found.failed)} failed runs "
-                         f"(listed in {out / 'missing.txt'})")
+    if strict and (blocking or found.failed):
+        raise SystemExit(f"collate --strict: {len(blocking)} missing cells in tables that runs fill, "
+                         f"{len(found.failed)} failed runs (listed in {out / 'missing.txt'})")
     return written
 
 
@@ -303,10 +419,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("paper_tables"))
     parser.add_argument("--reference", type=Path, default=REFERENCE)
     parser.add_argument("--ppl", choices=("paper", "exact"), default="paper", help="which perplexity to show")
-    parser.add_argument("--strict", action="store_true", help="fail when a cell is missing or a run failed")
+    parser.add_argument("--samples", choices=SAMPLE_SETS, default="all",
+                        help="Table 6's Mean / Std. / Max: over all training candidates (the paper's) or the sampled")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail when a table that runs fill misses a cell, or a run failed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for path in collate(args.results, args.out, reference=args.reference, ppl=args.ppl, strict=args.strict):
+    for path in collate(args.results, args.out, reference=args.reference, ppl=args.ppl, samples=args.samples,
+                        strict=args.strict):
         print(path)
 
 

@@ -7,15 +7,13 @@ prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trl
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
+from rrhf import tracking
 from rrhf.assets import add_pad_token
 from rrhf.collator import LMCollator, RRHFCollator
 from rrhf.data import read_training_file
@@ -28,31 +26,6 @@ def last_checkpoint(folder: str | Path) -> str | None:
     done = [p for p in Path(folder).glob("checkpoint-*")
             if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
-
-
-@contextlib.contextmanager
-def _wandb_env(args: RRHFArguments, output_dir: Path) -> Iterator[None]:
-    # Offline unless told otherwise (no key, no network), and its files inside this run's folder.
-    if "wandb" not in (args.report_to or []):
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR")}
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_DIR", str(output_dir))
-    try:
-        yield
-    finally:
-        import wandb
-
-        # Close the run and its log files: the next run of a sweep in this process starts its own, and
-        # this run's folder is renamed once the stage completes.
-        if wandb.run is not None:
-            wandb.finish()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *, args: RRHFArguments,
@@ -87,7 +60,7 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     resume = last_checkpoint(args.output_dir)
     if args.objective == "lm" and online is not None:
         raise ValueError("objective=lm trains on fixed data; online sampling (sampling.refresh_steps) needs rrhf")
-    with _wandb_env(args, output_dir):
+    with tracking.trainer_run(args.report_to, output_dir):
         if args.objective == "lm":
             trainer = Trainer(model=model, args=args, train_dataset=records,
                               data_collator=LMCollator(tokenizer, max_length=args.model_max_length),
