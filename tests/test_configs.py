@@ -14,7 +14,8 @@ GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "e
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    # A file starting with "_" is a base that options extend (conf/method/_pairwise.yaml), not a choice.
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _compose(overrides: list[str]):

@@ -1,7 +1,8 @@
 """Running a training: the Trainer class a method needs, resuming from the last checkpoint, the saved model.
 
-`train` is what the pipeline's train stage calls, for RRHF (`rrhf.trainer.RRHFTrainer`) and for OP-k
-(`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains).
+`train` is what the pipeline's train stage calls, for RRHF (`rrhf.trainer.RRHFTrainer`), for OP-k
+(`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains) and for DPO, SimPO and CPO
+(`rrhf.trainer.PairwiseTrainer`, on pairs of the same candidates).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from transformers import TrainerCallback
 from rrhf.collator import RRHFCollator
 from rrhf.data import read_training_file
 from rrhf.online import OnlineRRHFTrainer, OnlineSettings
-from rrhf.trainer import RRHFArguments, RRHFTrainer
+from rrhf.trainer import PairwiseArguments, PairwiseTrainer, RRHFArguments, RRHFTrainer
 
 
 def last_checkpoint(folder: str | Path) -> str | None:
@@ -53,7 +54,8 @@ def _wandb_env(args: RRHFArguments, output_dir: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *, args: RRHFArguments,
+def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *,
+          args: RRHFArguments | PairwiseArguments,
           callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
@@ -74,7 +76,12 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length)
     resume = last_checkpoint(args.output_dir)
     with _wandb_env(args, output_dir):
-        if online is None:
+        if isinstance(args, PairwiseArguments):  # DPO, SimPO, CPO on pairs of the file's groups
+            if online is not None:
+                raise ValueError(f"method={args.loss} trains on fixed candidates: online sampling (OP-k) is RRHF's")
+            trainer = PairwiseTrainer.from_records(records, args=args, output_dir=output_dir, model=model,
+                                                   processing_class=tokenizer, callbacks=callbacks)
+        elif online is None:
             trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
                                   processing_class=tokenizer, callbacks=callbacks)
         else:
