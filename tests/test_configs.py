@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings"]
+GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings", "techniques"]
 
 
 def _options(group: str) -> list[str]:
