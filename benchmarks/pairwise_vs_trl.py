@@ -14,7 +14,8 @@ median optimiser-step time of each, the whole training's wall time (reference pa
 resident memory, the TRL / ours ratios, and the command. The policy is the embedded default (SmolLM2-135M)
 unless --model says otherwise (e.g. embedded:tiny for a seconds-long check).
 
-    python benchmarks/pairwise_vs_trl.py [--loss dpo|simpo|cpo] [--pairs 32] [--reps 1] [--model embedded:smollm2]
+    python benchmarks/pairwise_vs_trl.py [--loss dpo|simpo|cpo] [--pairs 32] [--reps 1] [--threads N]
+                                         [--model embedded:smollm2]
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ def _common(out: str, steps: int) -> dict:
             "disable_tqdm": True, "gradient_checkpointing": False, "seed": 0, "dataloader_num_workers": 0}
 
 
-def measure(variant: str, loss: str, model_path: str, n_pairs: int) -> dict:
+def measure(variant: str, loss: str, model_path: str, n_pairs: int, threads: int | None) -> dict:
     """Child process: train `variant` on the pairs; return step times, wall time and peak memory."""
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
     from rrhf.assets import default_data_dir, resolve_model
@@ -108,10 +112,11 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=32, help="training pairs (4 a step)")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--model", default="embedded:smollm2")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in each measurement")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(measure(args.child, args.loss, args.model, args.pairs)))
+        print("RESULT " + json.dumps(measure(args.child, args.loss, args.model, args.pairs, args.threads)))
         return
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -119,7 +124,7 @@ def main() -> None:
     for rep in range(args.reps):
         for variant in VARIANTS:
             cmd = [sys.executable, __file__, "--child", variant, "--loss", args.loss, "--pairs", str(args.pairs),
-                   "--model", args.model]
+                   "--model", args.model] + (["--threads", str(args.threads)] if args.threads else [])
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
             if done.returncode != 0:
                 raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
@@ -131,7 +136,8 @@ def main() -> None:
     medians = {v: {"step": statistics.median(s for r in rs for s in r["step_seconds"]),
                    "wall": statistics.median(r["wall_seconds"] for r in rs),
                    "rss": statistics.median(r["peak_rss_mib"] for r in rs)} for v, rs in results.items()}
-    print(f"{args.loss} on {args.pairs} pairs ({args.pairs // 4} steps of 4), model {args.model}, {args.reps} reps")
+    print(f"{args.loss} on {args.pairs} pairs ({args.pairs // 4} steps of 4), model {args.model}, {args.reps} reps, "
+          f"torch threads {args.threads or 'default'}")
     for variant, m in medians.items():
         print(f"{variant:5s} median step {m['step']:7.2f} s   training wall {m['wall']:7.1f} s   "
               f"peak RSS {m['rss']:7.0f} MiB")

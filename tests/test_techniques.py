@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,13 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
     text = (tmp_path / "tables" / "techniques.md").read_text()
     assert "| DPO (best_worst) |" in text and "training seeds 1, 2" in text
     assert (tmp_path / "tables" / "techniques.tex").read_text().count(r"\toprule") == 1
+    if shutil.which("pdflatex"):
+        document = tmp_path / "doc.tex"
+        document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
+                            f"\\input{{{tmp_path / 'tables' / 'techniques.tex'}}}\n\\end{{document}}\n")
+        done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:]
     metrics = json.loads(next((tmp_path / "results" / "techniques").glob("*techniques=dpo*/metrics.json"))
                          .read_text())
     assert Path(metrics["train_log"]).parent.joinpath("reference_logprobs.jsonl").exists()

@@ -228,7 +228,8 @@ def write_techniques(results: Path, out: Path) -> list[Path]:
     files = {"techniques.md": markdown(table, arms), "techniques.csv": table.to_csv(index=False),
              "techniques.tex": tex.where(tex.notna(), "").to_latex(
                  index=False, escape=True, float_format="%.3f", label="tab:techniques",
-                 caption="The slide's techniques on the same candidates (" + _setting(arms).replace("`", "") + ").")}
+                 caption="The slide's techniques on the same candidates ("
+                 + _setting(arms).replace("`", "").replace("_", r"\_") + ").")}
     for name, text in files.items():
         (out / name).write_text(text)
     log.info("techniques: %d arms -> %s", len(arms), out / "techniques.md")
