@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import rrhf  # noqa: F401  (registers the config resolvers)
+from rrhf.arms import load_arms
 from rrhf.techniques import SLIDE, slide_columns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,9 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
     cmd = [sys.executable, "run.py", "experiment=techniques", "model=tiny", "eval.judge=embedded:tiny",
            "task.train_size=8", "task.test_size=4", "task.max_new_tokens=8", "sampling.batch_size=4",
            "trainer.args.max_steps=2", "trainer.args.save_steps=2", "trainer.args.report_to=[]",
-           "findings_scale.ppo_iterations=1", "seed=1,2", f"paths.artifacts={tmp_path}/artifacts",
+           # One PPO round of 16 rollouts (`++`: only the PPO arm's method has the key).
+           "findings_scale.ppo_iterations=1", "++method.ppo.num_rollouts=16", "seed=1,2",
+           f"paths.artifacts={tmp_path}/artifacts",
            f"paths.results={tmp_path}/results", f"paths.tables={tmp_path}/tables"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -93,7 +95,7 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
     assert set(table["seeds"]) == {"1 2"}
     assert table.loc["rrhf_dp", "responses_used_per_prompt"] == 6.0
     assert table.loc["dpo", "responses_used_per_prompt"] <= 2.0 and table.loc["sft", "responses_used_per_prompt"] == 1
-    assert table.loc["ppo", "responses_used_per_prompt"] == 64 / 8  # one round of 64 rollouts, 8 prompts
+    assert table.loc["ppo", "responses_used_per_prompt"] == 16 / 8  # one round of 16 rollouts, 8 prompts
     assert table.loc["initial", "technique"] == "Initial policy" and pd.isna(table.loc["initial", "train_seconds"])
     for arm in ("sft", "dpo", "simpo", "cpo", "ppo"):
         assert table.loc[arm, "train_seconds"] > 0 and table.loc[arm, "train_peak_rss_mib"] > 100
@@ -111,6 +113,5 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
         done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout[-2000:]
-    metrics = json.loads(next((tmp_path / "results" / "techniques").glob("*techniques=dpo*/metrics.json"))
-                         .read_text())
-    assert Path(metrics["train_log"]).parent.joinpath("reference_logprobs.jsonl").exists()
+    for run in load_arms(tmp_path / "results" / "techniques", "techniques")["dpo"].runs:
+        assert Path(run.metrics["train_log"]).parent.joinpath("reference_logprobs.jsonl").exists()
