@@ -10,11 +10,13 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings", "preset"]
+GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings", "techniques",
+          "preset"]
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    # A file starting with "_" is a base that options extend (conf/method/_pairwise.yaml), not a choice.
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _compose(overrides: list[str]):

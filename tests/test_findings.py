@@ -1,4 +1,4 @@
-"""experiment=findings: paired intervals, verdict rules, and the table written from a sweep's folders."""
+"""experiment=findings: paired intervals over seeds and prompts, verdict rules, and the table from a sweep's folders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from rrhf.findings import CLAIMS, claim_verdict, comparison_verdict, load_arms, paired_interval, write_findings
+from rrhf.findings import CLAIMS, claim_verdict, comparison_verdict, load_arms, write_findings
+from rrhf.stats import paired_interval
 
 
 def test_paired_interval_brackets_the_mean_difference_and_is_paired() -> None:
@@ -39,11 +40,26 @@ def test_claim_verdict_needs_every_comparison() -> None:
     assert claim_verdict(["no run"]) == "inconclusive"
 
 
-def _fake_arm(results: Path, name: str, rewards: list[float], ppl: list[float], cost: dict | None) -> None:
-    run = results / f"findings={name}"
+def test_paired_interval_over_seeds_and_prompts() -> None:
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(3, 60)) * 3  # per seed and prompt, shared by both arms
+    consistent = base + 0.2 + rng.normal(size=(3, 60)) * 0.1  # +0.2 at every seed
+    diff, lo, hi = paired_interval(consistent, base)
+    assert diff == pytest.approx(0.2, abs=0.05) and lo > 0.1 and hi < 0.3
+    shifts = np.array([[1.0], [-0.8], [0.1]])  # the seeds disagree: the effect is seed noise
+    diff, lo, hi = paired_interval(base + shifts, base)
+    assert lo < 0 < hi
+    one = paired_interval(consistent[:1], base[:1])  # one seed: the prompt bootstrap of that seed
+    assert one[0] == pytest.approx(float((consistent[0] - base[0]).mean()))
+
+
+def _fake_arm(results: Path, name: str, rewards: list[float], ppl: list[float], cost: dict | None,
+              seed: int = 42) -> None:
+    run = results / f"findings={name},seed={seed}"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      findings: {name}\n")
-    artifact = results.parent / "artifacts" / name
+    (run / ".hydra" / "config.yaml").write_text(f"seed: {seed}\n")
+    artifact = results.parent / "artifacts" / f"{name}-{seed}"
     artifact.mkdir(parents=True)
     with open(artifact / "responses.jsonl", "w") as handle:
         for i, (r, p) in enumerate(zip(rewards, ppl)):
@@ -92,7 +108,7 @@ def test_findings_sweep_runs_every_arm_through_run_py_on_the_tiny_model(tmp_path
     cmd = [sys.executable, "run.py", "experiment=findings", "model=tiny", "eval.judge=embedded:tiny",
            "task.train_size=8", "task.test_size=4", "task.max_new_tokens=8", "sampling.batch_size=4",
            "trainer.args.max_steps=3", "trainer.args.save_steps=2", "trainer.args.report_to=[]",
-           "findings_scale.op_refresh_steps=1", "findings_scale.ppo_iterations=2",
+           "findings_scale.op_refresh_steps=1", "findings_scale.ppo_iterations=2", "seed=1",
            f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
            f"paths.tables={tmp_path}/tables"]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
@@ -108,12 +124,47 @@ def test_findings_sweep_runs_every_arm_through_run_py_on_the_tiny_model(tmp_path
     assert len(json.loads(Path(ppo["train_log"]).read_text())) == 2  # two PPO rounds
     arms = load_arms(tmp_path / "results" / "findings")
     for arm in ("rrhf_dp", "ppo", "op_kl"):  # the cost of producing each trained policy is recorded
-        assert arms[arm].seconds > 0 and arms[arm].peak_rss_mib > 100
-    assert arms["initial"].seconds is None  # nothing trained
+        assert arms[arm].cost("seconds")[0] > 0 and arms[arm].cost("peak_rss_mib")[0] > 100
+    assert arms["initial"].cost("seconds") is None  # nothing trained
     claims = pd.read_csv(tmp_path / "tables" / "findings.csv")
     assert len(claims["claim"].unique()) == len(CLAIMS) and "no run" not in set(claims["verdict"])
     assert set(claims["claim_verdict"]) <= {"holds", "does not hold", "inconclusive"}
     assert (tmp_path / "tables" / "table2.tex").exists()  # the ordinary collation runs too
+
+
+def test_seeds_are_kept_apart_and_the_verdict_covers_them(tmp_path: Path) -> None:
+    results = tmp_path / "results" / "findings"
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=50)
+    ppl = list(10 + rng.random(50))
+    for seed, shift in ((1, -0.05), (2, -0.04), (3, -0.06)):  # L_rank's removal lowers the reward at every seed
+        noise = rng.normal(size=50) * 0.05
+        _fake_arm(results, "initial", list(base), ppl, None, seed)
+        _fake_arm(results, "rrhf_dp", list(base + 1.0 + noise), ppl, {"seconds": 100.0 + seed, "peak_rss_mib": 3e3},
+                  seed)
+        _fake_arm(results, "no_rank", list(base + 1.0 + noise + shift + rng.normal(size=50) * 0.05), ppl,
+                  {"seconds": 90.0, "peak_rss_mib": 3e3}, seed)
+        # PPO: better than RRHF at one seed, worse at the others, by more than the prompt noise.
+        _fake_arm(results, "ppo", list(base + 1.0 + {1: 0.5, 2: -0.4, 3: -0.3}[seed]), ppl,
+                  {"seconds": 400.0, "peak_rss_mib": 5e3}, seed)
+    arms = load_arms(results)
+    assert arms["rrhf_dp"].seeds == [1, 2, 3]  # one run per seed, none overwritten
+    write_findings(results, tmp_path / "tables")
+    import pandas as pd
+
+    claims = pd.read_csv(tmp_path / "tables" / "findings.csv")
+    row = claims.set_index("comparison").loc
+    assert row["reward: no_rank < rrhf_dp", "verdict"] == "holds"
+    assert row["reward: no_rank < rrhf_dp", "seeds"] == 3
+    assert row["reward: rrhf_dp >~ ppo", "verdict"] == "holds"  # not below PPO once seeds are resampled
+    assert row["seconds: rrhf_dp < ppo", "a"] == pytest.approx(102.0)  # mean over seeds
+    table = pd.read_csv(tmp_path / "tables" / "findings_arms.csv").set_index("arm")
+    assert table.loc["ppo", "seeds"] == "1 2 3" and table.loc["ppo", "reward_sd"] > 0.3
+    assert "± " in (tmp_path / "tables" / "findings.md").read_text()
+
+    _fake_arm(results / "again", "ppo", list(base), ppl, None, 2)  # a second run of one arm at one seed
+    with pytest.raises(ValueError, match="ran twice at seed 2"):
+        load_arms(results)
 
 
 @pytest.mark.skipif(__import__("shutil").which("pdflatex") is None, reason="pdflatex not installed")

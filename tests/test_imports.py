@@ -13,7 +13,7 @@ ENTRY = 3  # the pipeline, and the `evaluate` module wrapping evaluation
 STAGE = 2  # one module per stage or method, called by the pipeline
 FLOORS = {"pipeline": ENTRY, "metrics.perplexity.perplexity": ENTRY,
           "sampling": STAGE, "training": STAGE, "evaluation": STAGE, "ppo": STAGE, "tables": STAGE,
-          "findings": STAGE}
+          "findings": STAGE, "techniques": STAGE}
 
 
 def modules() -> dict[str, set[str]]:

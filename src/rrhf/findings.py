@@ -1,11 +1,13 @@
 """experiment=findings: the paper's qualitative claims, each tested on the arms of one sweep.
 
-Every arm answers the same test prompts, so a comparison of two arms is a paired difference of
-per-prompt values (reward, or the judge's perplexity of the response) with a 95% bootstrap interval over
-prompts. A comparison holds when the interval lies on the claimed side of 0, fails when it lies on the
-other side, and is inconclusive otherwise; a claim holds when all its comparisons hold and fails when
-any fails. The cost claim compares the recorded wall time of the stages that produced each policy
-(sample + score + train for RRHF, the PPO stage for PPO).
+Every arm answers the same test prompts, at one or more training seeds (`seed=1,2,3`: every stage before
+training is shared between seeds), so a comparison of two arms is a paired difference of per-prompt values
+(reward, or the judge's perplexity of the response), paired seed by seed, with a 95% bootstrap interval that
+resamples seeds and prompts (`rrhf.stats.paired_interval`). A comparison holds when the interval lies on the
+claimed side of 0, fails when it lies on the other side, and is inconclusive otherwise; a claim holds when
+all its comparisons hold and fails when any fails. The cost claim compares the mean over seeds of the
+recorded wall time of the stages that produced each policy (sample + score + train for RRHF, the PPO stage
+for PPO).
 
     python -m rrhf.findings results/findings --out paper_tables
 """
@@ -13,7 +15,6 @@ any fails. The cost claim compares the recorded wall time of the stages that pro
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -23,13 +24,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from rrhf.data import read_jsonl
+from rrhf.arms import Arm, compare, spread
+from rrhf.arms import load_arms as _load_arms
 
 log = logging.getLogger(__name__)
-
-METRICS = {"reward": "reward", "ppl": "ppl_paper"}  # per-response fields in an evaluation's responses.jsonl
 
 
 @dataclass(frozen=True)
@@ -73,42 +73,9 @@ CLAIMS = (
 )
 
 
-@dataclass
-class Arm:
-    name: str
-    per_prompt: dict[str, np.ndarray]  # metric -> values over the test prompts, in prompt order
-    prompts: list[str]
-    seconds: float | None  # stages that produced the policy (None: nothing trained or not recorded)
-    peak_rss_mib: float | None
-
-
 def load_arms(results: Path) -> dict[str, Arm]:
-    """The finished arms of a findings sweep under `results`, by arm name."""
-    arms = {}
-    for hydra_file in sorted(Path(results).rglob(".hydra/hydra.yaml")):
-        folder = hydra_file.parent.parent
-        name = OmegaConf.load(hydra_file).hydra.runtime.choices.get("findings")
-        if name is None or not (folder / "metrics.json").exists():
-            continue
-        metrics = json.loads((folder / "metrics.json").read_text())
-        rows = read_jsonl(Path(metrics["final"]["artifact"]) / "responses.jsonl")
-        timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
-        costs = [c for c in (timing.get("stages") or {}).values() if c]
-        arms[name] = Arm(name, {m: np.array([r[f] for r in rows], dtype=float) for m, f in METRICS.items()},
-                         [r["prompt"] for r in rows],
-                         sum(c["seconds"] for c in costs) if costs else None,
-                         max(c["peak_rss_mib"] for c in costs) if costs else None)
-    return arms
-
-
-def paired_interval(a: np.ndarray, b: np.ndarray, *, resamples: int = 2000, seed: int = 0) -> tuple[float, float,
-                                                                                                   float]:
-    """Mean of a - b and its 95% percentile-bootstrap interval over the paired items."""
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(diff.mean()), float(lo), float(hi)
+    """The finished arms of a findings sweep under `results`, by arm name, each with its seeds."""
+    return _load_arms(results, "findings")
 
 
 def comparison_verdict(direction: str, lo: float, hi: float) -> str:
@@ -133,25 +100,21 @@ def evaluate_claims(arms: dict[str, Arm]) -> pd.DataFrame:
     for claim in CLAIMS:
         lines = []
         for c in claim.comparisons:
-            if c.a not in arms or c.b not in arms:
-                lines.append({"comparison": f"{c.a} vs {c.b}: {c.metric}", "verdict": "no run"})
+            found = compare(arms[c.a], arms[c.b], c.metric) if c.a in arms and c.b in arms else None
+            if found is None:
+                lines.append({"comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}", "verdict": "no run"})
                 continue
-            if arms[c.a].prompts != arms[c.b].prompts:
-                raise ValueError(f"arms {c.a} and {c.b} answered different test prompts: not comparable")
-            va, vb = arms[c.a].per_prompt[c.metric], arms[c.b].per_prompt[c.metric]
-            diff, lo, hi = paired_interval(va, vb)
-            lines.append({"comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}", "a": va.mean(),
-                          "b": vb.mean(), "difference": diff, "ci_low": lo, "ci_high": hi,
-                          "verdict": comparison_verdict(c.direction, lo, hi)})
+            lines.append({"comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}", **found,
+                          "verdict": comparison_verdict(c.direction, found["ci_low"], found["ci_high"])})
         if claim.cost:
             cheap, dear = claim.cost
-            for measure in ("seconds",):
-                a = getattr(arms[cheap], measure) if cheap in arms else None
-                b = getattr(arms[dear], measure) if dear in arms else None
-                if a is None or b is None:
-                    lines.append({"comparison": f"{measure}: {cheap} < {dear}", "verdict": "no run"})
-                    continue
-                lines.append({"comparison": f"{measure}: {cheap} < {dear}", "a": a, "b": b, "difference": a - b,
+            a = arms[cheap].cost("seconds") if cheap in arms else None
+            b = arms[dear].cost("seconds") if dear in arms else None
+            if a is None or b is None:
+                lines.append({"comparison": f"seconds: {cheap} < {dear}", "verdict": "no run"})
+            else:  # means over each arm's seeds
+                a, b = float(np.mean(a)), float(np.mean(b))
+                lines.append({"comparison": f"seconds: {cheap} < {dear}", "a": a, "b": b, "difference": a - b,
                               "ratio": a / b, "verdict": "holds" if a < b else "does not hold"})
         verdict = claim_verdict([line["verdict"] for line in lines])
         rows += [{"claim": claim.statement, "source": claim.source, "claim_verdict": verdict, **line}
@@ -164,9 +127,17 @@ def _symbol(direction: str) -> str:
 
 
 def arm_table(arms: dict[str, Arm]) -> pd.DataFrame:
-    return pd.DataFrame([{"arm": a.name, "reward": a.per_prompt["reward"].mean(), "ppl": a.per_prompt["ppl"].mean(),
-                          "prompts": len(a.prompts), "train_seconds": a.seconds, "peak_rss_mib": a.peak_rss_mib}
-                         for a in arms.values()])
+    """Per arm: seeds, and the mean and spread over seeds of its reward, perplexity and training cost."""
+    rows = []
+    for arm in arms.values():
+        reward, ppl = arm.seed_means("reward"), arm.seed_means("ppl")
+        seconds, memory = arm.cost("seconds"), arm.cost("peak_rss_mib")
+        rows.append({"arm": arm.name, "seeds": " ".join(map(str, arm.seeds)), "reward": reward.mean(),
+                     "reward_sd": spread(reward), "ppl": ppl.mean(), "ppl_sd": spread(ppl), "prompts": len(arm.prompts),
+                     "train_seconds": float(np.mean(seconds)) if seconds else None,
+                     "train_seconds_sd": spread(seconds) if seconds else None,
+                     "peak_rss_mib": max(memory) if memory else None})
+    return pd.DataFrame(rows)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -175,10 +146,20 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (float, np.floating)) else str(value)
 
 
+def _pm(mean: Any, sd: Any, digits: int = 3) -> str:
+    """mean ± spread over seeds (the mean alone for one seed)."""
+    if sd is None or pd.isna(sd):
+        return _fmt(mean, digits)
+    return f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}"
+
+
 def markdown(claims: pd.DataFrame, arms: pd.DataFrame) -> str:
+    seeds = sorted({s for text in arms["seeds"] for s in text.split()}, key=int) if len(arms) else []
     out = ["# Findings: the paper's claims on the embedded default", "",
-           "| Claim | Source | Comparison | A | B | A - B [95% CI] | Comparison verdict | Claim verdict |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"Training seeds: {', '.join(seeds)}. A and B are means over the seeds both arms ran and the test "
+           "prompts; the interval of A - B is a paired bootstrap that resamples seeds, then prompts.", "",
+           "| Claim | Source | Comparison | A | B | A - B [95% CI] | Seeds | Comparison verdict | Claim verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for _, r in claims.iterrows():
         if "ratio" in r and not pd.isna(r.get("ratio")):
             delta = f"ratio {r['ratio']:.2f}"
@@ -186,13 +167,18 @@ def markdown(claims: pd.DataFrame, arms: pd.DataFrame) -> str:
             delta = "-"
         else:
             delta = f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        seeds_used = "-" if pd.isna(r.get("seeds")) else int(r["seeds"])
         out.append(f"| {r['claim']} | {r['source']} | {r['comparison']} | {_fmt(r.get('a'))} | {_fmt(r.get('b'))} "
-                   f"| {delta} | {r['verdict']} | **{r['claim_verdict']}** |")
-    out += ["", "| Arm | Reward | PPL (paper mode) | Test prompts | Training wall s | Peak RSS MiB (sweep process) |",
-            "|---|---|---|---|---|---|"]
+                   f"| {delta} | {seeds_used} | {r['verdict']} | **{r['claim_verdict']}** |")
+    out += ["", "Per arm, the mean ± standard deviation over its seeds.", "",
+            "| Arm | Seeds | Reward | PPL (paper mode) | Test prompts | Training wall s "
+            "| Peak RSS MiB (sweep process) |",
+            "|---|---|---|---|---|---|---|"]
     for _, r in arms.iterrows():
-        out.append(f"| {r['arm']} | {_fmt(r['reward'])} | {_fmt(r['ppl'], 2)} | {r['prompts']} "
-                   f"| {_fmt(r['train_seconds'], 1)} | {_fmt(r['peak_rss_mib'], 0)} |")
+        out.append(f"| {r['arm']} | {r['seeds']} | {_pm(r['reward'], r['reward_sd'])} "
+                   f"| {_pm(r['ppl'], r['ppl_sd'], 2)} | {r['prompts']} "
+                   f"| {_pm(r['train_seconds'], r['train_seconds_sd'], 1)} "
+                   f"| {_fmt(r['peak_rss_mib'], 0)} |")
     return "\n".join(out) + "\n"
 
 

@@ -25,6 +25,7 @@ from rrhf import placement, tracking
 from rrhf.artifacts import run_stage, write_json_atomic
 from rrhf.data import read_jsonl
 from rrhf.launch import crash_point, rank, world_size
+from rrhf.pairwise import LOSSES as PAIRWISE
 from rrhf.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,9 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
     trainer_args = _plain(cfg.trainer.args)
     method_args = _plain(cfg.method.train_args)
     where = placement.from_config(cfg)
+    if cfg.method.name in PAIRWISE:  # DPO, SimPO, CPO: the loss, and which pairs the groups give
+        method_args |= {"loss": cfg.method.name, "pairs": cfg.method.pairs,
+                        "dataset_responses": list(cfg.sampling.get("dataset_responses") or [])}
     inputs = {"stage": "train", "model": model_path, "scored": scored.name, "trainer": trainer_args,
               "method": method_args, "seed": cfg.seed, "device": where.device.type,
               "world_size": world_size()}  # ranks multiply the batch
@@ -241,7 +245,7 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
         from transformers import TrainerCallback
 
         from rrhf.assets import resolve_model
-        from rrhf.trainer import RRHFArguments
+        from rrhf.trainer import PairwiseArguments, RRHFArguments
         from rrhf.training import train
 
         class CrashAfterSave(TrainerCallback):  # the stage's crash point, once a checkpoint is on disk
@@ -249,8 +253,9 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
                 crash_point("train")
 
         # A method's own training settings (e.g. sft's learning rate) win over the profile's.
-        args = RRHFArguments(output_dir=str(work / "checkpoints"), seed=cfg.seed,
-                             **placement.trainer_device_args(trainer_args | method_args, where.device))
+        arguments = PairwiseArguments if cfg.method.name in PAIRWISE else RRHFArguments
+        args = arguments(output_dir=str(work / "checkpoints"), seed=cfg.seed,
+                         **placement.trainer_device_args(trainer_args | method_args, where.device))
         settings = None
         if online:
             from rrhf.online import OnlineSettings
@@ -412,8 +417,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["reward_model_accuracy"] = sum(c["reward"] > r["reward"] for c, r in zip(chosen, rejected)) / len(
                 chosen)
     costs: dict[str, Any] = {}  # the cost of producing the final policy, stage by stage
-    if cfg.method.name == "rrhf":
+    if cfg.method.name in ("rrhf", *PAIRWISE):  # DPO, SimPO and CPO train on the candidates RRHF trains on
         online = bool(cfg.sampling.get("refresh_steps"))
+        if online and cfg.method.name != "rrhf":
+            raise ValueError(f"method={cfg.method.name} trains on fixed candidates; sampling={cfg.sampling.name} "
+                             "re-samples while training, which only method=rrhf does")
         # IP-n: iteration k samples with, and trains from, the model of iteration k-1 (one pass otherwise).
         policy, metrics["iterations"] = model_path, []
         for i in range(int(cfg.sampling.get("iterations", 1))):
@@ -449,7 +457,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     elif cfg.method.name == "none":
         metrics["final"] = metrics["initial"]
     else:
-        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, sft, ppo, best_of_n or none")
+        raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, dpo, simpo, cpo, sft, ppo, best_of_n, none")
     if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
         return metrics
     write_json_atomic(run_dir / "metrics.json", metrics)

@@ -1,7 +1,8 @@
 """Running a training: the Trainer class a method needs, resuming from the last checkpoint, the saved model.
 
 `train` is what the pipeline's train stage calls, for RRHF (`rrhf.trainer.RRHFTrainer`), for OP-k
-(`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains) and for supervised fine-tuning on
+(`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains), for DPO, SimPO and CPO
+(`rrhf.trainer.PairwiseTrainer`, on pairs of the same candidates) and for supervised fine-tuning on
 prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trlX's sft_hh).
 """
 
@@ -18,7 +19,7 @@ from rrhf.assets import add_pad_token
 from rrhf.collator import LMCollator, RRHFCollator
 from rrhf.data import read_training_file
 from rrhf.online import OnlineRRHFTrainer, OnlineSettings, run_schedule
-from rrhf.trainer import RRHFArguments, RRHFTrainer
+from rrhf.trainer import PairwiseArguments, PairwiseTrainer, RRHFArguments, RRHFTrainer
 
 
 def last_checkpoint(folder: str | Path) -> str | None:
@@ -28,7 +29,8 @@ def last_checkpoint(folder: str | Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *, args: RRHFArguments,
+def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *,
+          args: RRHFArguments | PairwiseArguments,
           callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
@@ -58,10 +60,14 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length,
                             max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens)
     resume = last_checkpoint(args.output_dir)
-    if args.objective == "lm" and online is not None:
-        raise ValueError("objective=lm trains on fixed data; online sampling (sampling.refresh_steps) needs rrhf")
+    language_model = isinstance(args, RRHFArguments) and args.objective == "lm"
+    if (language_model or isinstance(args, PairwiseArguments)) and online is not None:
+        raise ValueError("online sampling (OP-k, sampling.refresh_steps) is RRHF's; this method trains on fixed data")
     with tracking.trainer_run(args.report_to, output_dir):
-        if args.objective == "lm":
+        if isinstance(args, PairwiseArguments):  # DPO, SimPO, CPO on pairs of the file's groups
+            trainer = PairwiseTrainer.from_records(records, args=args, output_dir=output_dir, model=model,
+                                                   processing_class=tokenizer, callbacks=callbacks)
+        elif language_model:
             trainer = Trainer(model=model, args=args, train_dataset=records,
                               data_collator=LMCollator(tokenizer, max_length=args.model_max_length),
                               processing_class=tokenizer, callbacks=callbacks)
