@@ -1,11 +1,13 @@
 """Entry point: `python run.py [group=option ...]`, or `python run.py -m ...` for a sweep."""
 
 import logging
+import sys
 import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
 import rrhf  # noqa: F401  (registers the config resolvers)
@@ -13,8 +15,13 @@ import rrhf  # noqa: F401  (registers the config resolvers)
 log = logging.getLogger("rrhf")
 
 
+class MissingHubItems(CompactHydraException):
+    """Hydra prints this exception's message alone, without a traceback (that is in the run's FAILED file)."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from rrhf.hub import HubItemsMissing
     from rrhf.launch import export_torch_env_from_slurm, rank
     from rrhf.pipeline import run
 
@@ -25,6 +32,11 @@ def main(cfg: DictConfig) -> None:
     failed = run_dir / "FAILED"
     try:
         run(cfg, run_dir)
+    except HubItemsMissing as error:
+        # One line on the terminal (each job of a sweep prints its own), the traceback in FAILED.
+        failed.write_text(traceback.format_exc())
+        print(f"rrhf: {run_dir}: {error}", file=sys.stderr, flush=True)
+        raise MissingHubItems(str(error)) from None
     except BaseException:
         # The marker lets the collator list this run as a gap; the error still fails the job.
         failed.write_text(traceback.format_exc())

@@ -30,7 +30,7 @@ def _compose(overrides: list[str]):
 
 
 # Options that name a user's own file or checkpoint: composing fails until it is given.
-NEEDS_VALUE = {("model", "alpaca_sft"): "model.path", ("model", "smollm2_sft"): "model.path",
+NEEDS_VALUE = {("model", "smollm2_sft"): "model.path",
                ("sampling", "file"): "sampling.train_file"}
 
 

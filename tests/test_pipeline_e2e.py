@@ -118,9 +118,11 @@ def test_iterated_sampling_trains_each_iteration_from_the_last(tmp_path: Path) -
         folders = [p for p in (tmp_path / "artifacts" / stage).iterdir() if p.is_dir()]
         return sorted(json.loads((p / "inputs.json").read_text())["model"] for p in folders)
 
-    first_model = str(Path(first["train_log"]).parent / "model")
-    # Iteration 2 samples with, and starts training from, iteration 1's model.
-    assert made_from("train") == made_from("sample") == sorted(["embedded:tiny", first_model])
+    # Iteration 2 samples with, and starts training from, iteration 1's model (named by its train stage's key).
+    first_model = f"train:{Path(first['train_log']).parent.name}"
+    assert made_from("train") == made_from("sample")
+    (embedded, trained) = made_from("train")
+    assert embedded.startswith("embedded:tiny@") and trained == first_model
 
 
 def test_authors_preset_trains_p_on_dps_padded_group(tmp_path: Path) -> None:

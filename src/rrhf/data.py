@@ -38,10 +38,20 @@ def load_split(source: str | Path, split: str, *, limit: int | None = None) -> l
 
 
 def hub_rows(name: str, split: str) -> list[dict[str, Any]]:
-    """The rows of one split of a Hugging Face data set: the one place the project loads Hub data."""
+    """The rows of one split of a Hugging Face data set: the one place the project loads Hub data.
+
+    The data set's snapshot comes from the local cache at the commit the run pinned (`rrhf.hub`); `datasets`
+    maps its files to splits as it does on the Hub (the card's `configs:`, else the file names).
+    """
     import datasets
 
-    return [dict(r) for r in datasets.load_dataset(name, split=split)]
+    from rrhf import hub
+
+    folder = hub.snapshot(name, "dataset")
+    try:
+        return [dict(r) for r in datasets.load_dataset(str(folder), split=split)]
+    except ValueError as error:  # e.g. a split the data set does not have
+        raise ValueError(f"data set {name} ({folder}): {error}") from error
 
 
 def read_jsonl(path: str | Path, check: Callable[[Any, str], None] | None = None) -> list[dict[str, Any]]:
@@ -132,9 +142,12 @@ def _token_prefix_rows(source: str, split: str, tokenizer_name: str | None, pref
                        limit: int | None) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
+    from rrhf import hub
+
     if not tokenizer_name or not prefix_tokens:
         raise ValueError("task.prefix.rule=tokens needs task.prefix.tokenizer and task.prefix.prefix_tokens")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    tokenizer = AutoTokenizer.from_pretrained(hub.snapshot(tokenizer_name) if hub.is_hub_id(tokenizer_name)
+                                              else tokenizer_name)
     rows = []
     for row in hub_rows(source, split)[:limit] if limit else hub_rows(source, split):
         text = row["text"].replace("<br />", " ")

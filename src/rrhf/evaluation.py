@@ -52,6 +52,9 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
             out = model.generate(input_ids=batch["input_ids"].to(model.device),
                                  attention_mask=batch["attention_mask"].to(model.device),
                                  do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 # The tokenizer's EOS, not the model's generation config: alpaca-native's says
+                                 # eos_token_id 1 ("<s>") where its EOS is "</s>" (2), so it never stopped.
+                                 eos_token_id=tokenizer.eos_token_id,
                                  **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}))
         return decode_new(tokenizer, out, batch["input_ids"].shape[1])
 

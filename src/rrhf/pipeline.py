@@ -8,6 +8,7 @@ finished run does no stage work. The run folder (Hydra's output folder) receives
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from rrhf import placement, tracking
+from rrhf import hub, placement, tracking
 from rrhf.artifacts import run_stage, write_json_atomic
 from rrhf.data import read_jsonl
 from rrhf.launch import crash_point, rank, world_size
@@ -41,7 +42,23 @@ def _task_key(cfg: DictConfig, split: str) -> dict:
     local = Path(str(cfg.task.source)) / f"{split}.jsonl"
     if local.is_file():  # a local data file is keyed by its content, so an edit invalidates the cache
         key["sha256"] = hashlib.sha256(local.read_bytes()).hexdigest()
+    elif hub.is_hub_id(cfg.task.source):  # a Hub data set by the commit read
+        key["commit"] = hub.commit_of(str(cfg.task.source), "dataset")
     return key
+
+
+def _model_key(path: str) -> str:
+    """A model (policy, judge, reward) by what it is: wheel version, Hub commit, stage key or file content."""
+    from rrhf.assets import model_identity
+
+    return model_identity(path)
+
+
+def _reward_key(cfg: DictConfig) -> dict:
+    """The reward config, and the models it names by what they are (none for VADER)."""
+    plain = _plain(cfg.reward)
+    named = {k: plain[k] for k in ("checkpoint_repo", "backbone", "tokenizer", "path") if plain.get(k)}
+    return plain | ({"ids": {k: _model_key(v) for k, v in named.items()}} if named else {})
 
 
 def _prompts(cfg: DictConfig, split: str) -> list[dict]:
@@ -123,7 +140,7 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     from rrhf.sampling import generation_settings
 
     where = placement.from_config(cfg, dtype=s.get("dtype"))
-    inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": model_path,
+    inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": _model_key(model_path),
               "sampling": generation_settings(_plain(s)), "placement": where.key(),
               "seed": cfg.seed if s.generator in ("top_p", "top_k") else None}
 
@@ -151,7 +168,7 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
     where = _reward_placement(cfg)
     inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sampled": sampled.name if sampled else None,
               "dataset_responses": [] if train_on == "sampled" else list(s.dataset_responses),
-              "reward": _plain(cfg.reward), "placement": where.key()}
+              "reward": _reward_key(cfg), "placement": where.key()}
     if pad_over_group:
         inputs |= {"train_on": train_on, "pad_over_group": True}
 
@@ -194,8 +211,10 @@ def _file_stage(cfg: DictConfig) -> Path:
     source = Path(cfg.sampling.train_file).expanduser().resolve()
     if not source.is_file():
         raise FileNotFoundError(f"sampling.train_file={str(source)!r}: no such file")
-    inputs = {"stage": "score", "file": str(source), "size": source.stat().st_size,
-              "mtime_ns": source.stat().st_mtime_ns}
+    from rrhf.assets import fingerprint
+
+    # By content: an edit that keeps the file's size and mtime (cp -p) still rebuilds.
+    inputs = {"stage": "score", "file": str(source), "content": fingerprint(source)}
 
     def build(work: Path) -> None:
         rows = read_training_file(source, allow_empty_responses=False)  # names the file and line of a bad one
@@ -213,6 +232,8 @@ def sft_data_stage(cfg: DictConfig) -> Path:
     inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sft_on": "chosen"}
     if source:
         inputs["source"] = str(source)
+        if hub.is_hub_id(source):
+            inputs["source_commit"] = hub.commit_of(str(source), "dataset")
 
     def build(work: Path) -> None:
         from rrhf.data import load_split, write_training_file
@@ -233,13 +254,13 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
     if cfg.method.name in PAIRWISE:  # DPO, SimPO, CPO: the loss, and which pairs the groups give
         method_args |= {"loss": cfg.method.name, "pairs": cfg.method.pairs,
                         "dataset_responses": list(cfg.sampling.get("dataset_responses") or [])}
-    inputs = {"stage": "train", "model": model_path, "scored": scored.name, "trainer": trainer_args,
+    inputs = {"stage": "train", "model": _model_key(model_path), "scored": scored.name, "trainer": trainer_args,
               "method": method_args, "seed": cfg.seed, "device": where.device.type,
               "world_size": world_size()}  # ranks multiply the batch
     if online:
         reward_where = _reward_placement(cfg)
         inputs["online"] = {"task": _task_key(cfg, "train"), "sampling": _plain(cfg.sampling),
-                            "reward": _plain(cfg.reward), "reward_placement": reward_where.key()}
+                            "reward": _reward_key(cfg), "reward_placement": reward_where.key()}
 
     def build(work: Path) -> None:
         from transformers import TrainerCallback
@@ -277,8 +298,8 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
     """Fine-tune the policy with PPO (the trlX ppo_hh settings by default) on the training prompts."""
     settings = _plain(cfg.method.ppo)
     where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
-    inputs = {"stage": "ppo", "model": model_path, "task": _task_key(cfg, "train"), "ppo": settings,
-              "reward": _plain(cfg.reward), "seed": cfg.seed, "placement": where.key(),
+    inputs = {"stage": "ppo", "model": _model_key(model_path), "task": _task_key(cfg, "train"), "ppo": settings,
+              "reward": _reward_key(cfg), "seed": cfg.seed, "placement": where.key(),
               "reward_placement": reward_where.key()}
 
     def build(work: Path) -> None:
@@ -329,8 +350,9 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
     """Responses to the test prompts (see `Evaluated`), their mean reward and their perplexity under the judge."""
     e = cfg.eval
     where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
-    inputs = {"stage": "evaluate", "policy": target.key, "task": _task_key(cfg, "test"), "eval": _plain(e),
-              "reward": _plain(cfg.reward), "placement": where.key(), "reward_placement": reward_where.key()}
+    inputs = {"stage": "evaluate", "policy": target.key, "task": _task_key(cfg, "test"),
+              "eval": _plain(e) | {"judge_id": _model_key(e.judge)}, "reward": _reward_key(cfg),
+              "placement": where.key(), "reward_placement": reward_where.key()}
 
     def build(work: Path) -> None:
         from rrhf.assets import load_causal_lm
@@ -401,13 +423,28 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
     return {**json.loads((folder / "metrics.json").read_text()), "artifact": str(folder)}
 
 
+def initial_policy(cfg: DictConfig) -> str:
+    """The initial policy's model path: `model.path`, or, for a model config with an `sft` block (Alpaca-sft),
+    the model at `model.path` fine-tuned by that `method=sft` config first. That training is the train stage of
+    `experiment=alpaca_sft` (same key, same artifact): built by the first job that needs it, then shared."""
+    if not cfg.model.get("sft"):
+        return str(cfg.model.path)
+    sft = copy.deepcopy(cfg)
+    OmegaConf.update(sft, "method", cfg.model.sft, merge=False)
+    trained = train_stage(sft, str(cfg.model.path), sft_data_stage(sft))
+    log.info("initial policy: %s fine-tuned by method=sft at %s", cfg.model.path, trained)
+    return str(trained)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage the config asks for and write `metrics.json` into the run folder."""
     _set_threads(cfg)
+    hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
-    model_path = cfg.model.path
-    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, Evaluated.policy(model_path, f"model:{model_path}"))}
+    model_path = initial_policy(cfg)
+    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, Evaluated.policy(model_path,
+                                                                                f"model:{_model_key(model_path)}"))}
     if cfg.eval.dataset_responses:
         fields = ("chosen",) if cfg.task.get("format") == "imdb_prefix" else ("chosen", "rejected")
         metrics["dataset"] = {field: evaluate_stage(cfg, Evaluated.dataset(field)) for field in fields}
@@ -452,7 +489,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics["train_log"] = str(trained.parent / "log_history.json")
         metrics["final"] = metrics["trained"]
     elif cfg.method.name == "best_of_n":
-        key = f"best_of_n:{model_path}:{_plain(cfg.method)}:seed={cfg.seed}"
+        key = f"best_of_n:{_model_key(model_path)}:{_plain(cfg.method)}:seed={cfg.seed}"
         metrics["final"] = evaluate_stage(cfg, Evaluated.best_of_n(model_path, key))
     elif cfg.method.name == "none":
         metrics["final"] = metrics["initial"]

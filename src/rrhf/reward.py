@@ -117,12 +117,20 @@ class GPTJRMScorer(Scorer):
 
     @classmethod
     def from_config(cls, cfg: Any, where: Placement) -> GPTJRMScorer:
-        from huggingface_hub import hf_hub_download
-        from transformers import AutoConfig, AutoTokenizer
+        """The checkpoint file, the backbone's config and the tokenizer from the local Hugging Face cache, at the
+        commits the run pinned (`rrhf.hub`); each of `checkpoint_repo`, `backbone`, `tokenizer` may also be a
+        local folder."""
+        from transformers import AutoConfig
 
-        checkpoint = hf_hub_download(cfg.checkpoint_repo, cfg.checkpoint_file)
-        model = GPTJRewardModel.from_checkpoint(AutoConfig.from_pretrained(cfg.backbone), checkpoint, where.dtype)
-        return cls(model, AutoTokenizer.from_pretrained(cfg.tokenizer), max_length=cfg.max_length,
+        from rrhf.assets import load_tokenizer, resolve_model
+
+        checkpoint = Path(resolve_model(cfg.checkpoint_repo)) / cfg.checkpoint_file
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"reward.checkpoint_file: {checkpoint} not found ({cfg.checkpoint_repo} has no "
+                                    f"{cfg.checkpoint_file}; reward.checkpoint_repo / reward.checkpoint_file)")
+        config = AutoConfig.from_pretrained(resolve_model(cfg.backbone))
+        model = GPTJRewardModel.from_checkpoint(config, str(checkpoint), where.dtype)
+        return cls(model, load_tokenizer(cfg.tokenizer), max_length=cfg.max_length,
                    batch_size=cfg.batch_size, device=where.device, separator=cfg.get("separator", " "))
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
@@ -152,10 +160,13 @@ class SequenceClassifierScorer(Scorer):
 
     @classmethod
     def from_config(cls, cfg: Any, where: Placement) -> SequenceClassifierScorer:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(cfg.path, dtype=where.dtype).to(where.device)
-        return cls(model, AutoTokenizer.from_pretrained(cfg.path), label=cfg.label, output=cfg.output,
+        from rrhf.assets import load_tokenizer, resolve_model
+
+        folder = resolve_model(cfg.path)
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=where.dtype).to(where.device)
+        return cls(model, load_tokenizer(cfg.path), label=cfg.label, output=cfg.output,
                    text=cfg.text, max_length=cfg.max_length, batch_size=cfg.batch_size,
                    separator=cfg.get("separator", ""), truncation_side=cfg.get("truncation_side"))
 

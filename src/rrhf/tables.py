@@ -102,7 +102,8 @@ def find_runs(results: Path, *, ppl: str = "paper", samples: str = "all") -> Col
         cfg = OmegaConf.load(config_file)
         metrics = json.loads((folder / "metrics.json").read_text())
         family = cfg.task.get("family", "hh")
-        stands_in = OmegaConf.to_container(cfg.model.get("stands_in_for") or {})
+        stands_in = cfg.model.get("stands_in_for")  # a paper model has none
+        stands_in = OmegaConf.to_container(stands_in) if stands_in is not None else {}
         model = {fam: stands_in.get(fam, cfg.model.name) for fam in ("hh", "imdb")}
         ours = f"{cfg.model.name} / {cfg.task.name}"
         measured = {"judge": str(cfg.eval.get("judge", "?")), "reward": _reward_model(cfg.reward)}
@@ -409,7 +410,10 @@ class CollateCallback(Callback):
     """Collate the tables when a multirun ends (Hydra skips this when a job failed: use the command)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if config.get("collate", True):
+        from rrhf.launch import rank
+
+        # A sweep under torchrun runs on every rank; rank 0 writes the metrics, so it alone collates them.
+        if config.get("collate", True) and rank() == 0:
             collate(Path(config.paths.results), Path(config.paths.tables))
 
 

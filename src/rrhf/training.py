@@ -15,7 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from rrhf import tracking
-from rrhf.assets import add_pad_token
+from rrhf.assets import add_pad_token, load_tokenizer
 from rrhf.collator import LMCollator, RRHFCollator
 from rrhf.data import read_training_file
 from rrhf.online import OnlineRRHFTrainer, OnlineSettings, run_schedule
@@ -39,11 +39,11 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     output_dir/"log_history.json". With `online` (OP-k) the file's groups are the starting candidates,
     re-sampled every k steps (see `rrhf.online`); every refresh is kept in output_dir/"online".
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = load_tokenizer(str(model_path))
     # The process group exists before the weights load: ZeRO-3 partitions them while loading, across the ranks.
     _ = args.device
     if args.deepspeed and torch.distributed.is_initialized():
