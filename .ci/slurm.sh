@@ -197,13 +197,14 @@ stop_daemon() {
 
 start_daemon() {
     local name=$1 pidfile=$RUN_DIR/$1.pid
+    shift
     if pid_alive "$pidfile"; then
         log "$name already running (pid $(cat "$pidfile"))"
         return
     fi
-    log "starting $name"
+    log "starting $name $*"
     # All three daemonise themselves once their configuration is read.
-    "/usr/sbin/$name" || die "$name failed to start; tail of $LOG_DIR/$name.log:
+    "/usr/sbin/$name" "$@" || die "$name failed to start; tail of $LOG_DIR/$name.log:
 $(tail -n 20 "$LOG_DIR/$name.log" 2>/dev/null)"
 }
 
@@ -292,7 +293,9 @@ main() {
         stop_daemon slurmd
         stop_daemon slurmctld
     fi
-    start_daemon slurmctld
+    # -c: a controller that is not running now died with an earlier machine or session, and the jobs in
+    # its saved state died with it; restored, they hold the node as "allocated" and every new job waits.
+    start_daemon slurmctld -c
     start_daemon slurmd
     wait_for_node
     log "daemons up in $(since "$t_start") s"
