@@ -100,6 +100,15 @@ BAD_TRAINING_FILES = {
     "no responses": ('{"query": "q", "responses": [], "scores": []}\n', "bad.jsonl:1: empty 'responses' list"),
     "empty response": ('{"query": "q", "responses": ["a", " "], "scores": [1.0, 0.0]}\n',
                        "bad.jsonl:1: empty response at position 1"),
+    "empty file": ("", "bad.jsonl: no training examples"),
+    "whitespace only": ("  \n\n \t \n", "bad.jsonl: no training examples"),
+    "empty query": ('{"query": " ", "responses": ["a"], "scores": [1.0]}\n', "bad.jsonl:1: empty 'query'"),
+    "not utf-8": (b'{"query": "q", "responses": ["a"], "scores": [1.0]}\n'
+                  + b'{"query": "caf\xe9", "responses": ["a"], "scores": [1.0]}\n',
+                  r"bad.jsonl:2: byte 15 of the line \(0xe9\) is not UTF-8; data files must be UTF-8"),
+    "binary": (bytes(range(256)), r"bad.jsonl:2: byte 118 of the line \(0x80\) is not UTF-8"),
+    "duplicate key": ('{"query": "q", "responses": ["a"], "scores": [1.0], "scores": [2.0]}\n',
+                      "bad.jsonl:1: key 'scores' appears twice"),
 }
 
 
@@ -113,7 +122,7 @@ def test_bad_training_file_is_named_and_leaves_nothing(case: str, tmp_path: Path
 
     text, message = BAD_TRAINING_FILES[case]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(text)
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["sampling=file", f"sampling.train_file={bad}",
                                            f"paths.artifacts={tmp_path / 'artifacts'}"], return_hydra_config=True)

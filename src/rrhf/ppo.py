@@ -28,6 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from rrhf.assets import load_causal_lm
+from rrhf.data import strict_json
 from rrhf.generation import check_context, left_truncated_batch, pad_id, sample, trlx_stop_cut
 from rrhf.placement import Placement
 
@@ -491,7 +492,7 @@ def _save_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
     torch.save({"policy": _trainable_state(policy), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                 "round": state.round, "cursor": state.cursor, "kl_coef": state.kl.value,
                 "moments": vars(state.moments), "rng": rng, "config": asdict(config)}, work / "state.pt")
-    (work / "log_history.json").write_text(json.dumps(state.history, indent=1))
+    (work / "log_history.json").write_text(strict_json(state.history, work / "log_history.json", indent=1))
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
@@ -577,7 +578,8 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
                "mean_response_tokens": stats["mean_response_tokens"],
                "seconds": time.perf_counter() - started}
         state.history.append(row)
-        (output_dir / "log_history.json").write_text(json.dumps(state.history, indent=1))
+        (output_dir / "log_history.json").write_text(strict_json(state.history, output_dir / "log_history.json",
+                                                                  indent=1))
         log.info("ppo round %d/%d: score %.4f, delta %.4f, kl %.4f (coef %.5f), pg %.4f, vf %.4f, %.1f tokens, "
                  "%.1fs", state.round, config.iterations, row["mean_score"], row["mean_reward_delta"],
                  row["mean_kl"], row["kl_coef"], row["pg_loss"], row["vf_loss"], row["mean_response_tokens"],
@@ -589,7 +591,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     shutil.rmtree(work, ignore_errors=True)
     policy.save_pretrained(work, safe_serialization=True)
     tokenizer.save_pretrained(work)
-    (output_dir / "ppo_config.json").write_text(json.dumps(asdict(config), indent=1))
+    (output_dir / "ppo_config.json").write_text(strict_json(asdict(config), "ppo_config.json", indent=1))
     shutil.rmtree(model_dir, ignore_errors=True)
     work.rename(model_dir)
     return model_dir

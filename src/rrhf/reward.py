@@ -118,9 +118,17 @@ class GPTJRMScorer(Scorer):
     @classmethod
     def from_config(cls, cfg: Any, where: Placement) -> GPTJRMScorer:
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
         from transformers import AutoConfig, AutoTokenizer
 
-        checkpoint = hf_hub_download(cfg.checkpoint_repo, cfg.checkpoint_file)
+        try:
+            checkpoint = hf_hub_download(cfg.checkpoint_repo, cfg.checkpoint_file)
+        except (OSError, EntryNotFoundError) as error:  # no such repository or file, or not cached offline
+            raise FileNotFoundError(
+                f"reward.checkpoint_repo={cfg.checkpoint_repo!r}, reward.checkpoint_file={cfg.checkpoint_file!r}: "
+                f"the gptj-rm-static checkpoint {cfg.checkpoint_file} of {cfg.checkpoint_repo} is not available "
+                f"({type(error).__name__}); fetch it once with network access (`huggingface-cli download "
+                f"{cfg.checkpoint_repo} {cfg.checkpoint_file}`) or set those keys") from error
         model = GPTJRewardModel.from_checkpoint(AutoConfig.from_pretrained(cfg.backbone), checkpoint, where.dtype)
         return cls(model, AutoTokenizer.from_pretrained(cfg.tokenizer), max_length=cfg.max_length,
                    batch_size=cfg.batch_size, device=where.device, separator=cfg.get("separator", " "))

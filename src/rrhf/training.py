@@ -8,7 +8,6 @@ prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trl
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 
 from rrhf.assets import add_pad_token
 from rrhf.collator import LMCollator, RRHFCollator
-from rrhf.data import read_training_file
+from rrhf.data import read_training_file, strict_json
 from rrhf.online import OnlineRRHFTrainer, OnlineSettings, run_schedule
 from rrhf.trainer import RRHFArguments, RRHFTrainer
 
@@ -106,7 +105,8 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     final = output_dir / "model"
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        log = output_dir / "log_history.json"
+        log.write_text(strict_json(trainer.state.log_history, log, indent=1))  # a diverged run is refused here
     if args.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
