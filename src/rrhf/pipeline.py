@@ -387,7 +387,10 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         write_jsonl(work / "responses.jsonl", ({"prompt": prompt, "response": responses[i], "reward": rewards[i],
                                                 "ppl_paper": ppl["paper"][i], "ppl_exact": ppl["exact"][i]}
                                                for i, prompt in enumerate(prompts)))
-        metrics |= {"reward": sum(rewards) / len(rewards),
+        # Empty responses (after the stop cut) are scored like any other (`perplexities`: the judge's EOS
+        # alone where its tokenizer has no token for them) and counted here.
+        metrics |= {"empty_responses": sum(not r.strip() for r in responses),
+                    "reward": sum(rewards) / len(rewards),
                     "ppl_paper": sum(ppl["paper"]) / len(responses),
                     "ppl_exact": sum(ppl["exact"]) / len(responses)}
         write_json_atomic(work / "metrics.json", metrics)
