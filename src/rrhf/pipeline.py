@@ -401,6 +401,10 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage the config asks for and write `metrics.json` into the run folder."""
+    from rrhf.config_checks import check_config
+    from rrhf.ppo import PPOConfig
+
+    check_config(cfg, ppo=PPOConfig)  # the whole config, before any stage loads a model
     _set_threads(cfg)
     started = time.time()
     model_path = cfg.model.path
