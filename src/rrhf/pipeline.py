@@ -262,7 +262,7 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
                                       kl_coef=float(cfg.sampling.get("kl_coef") or 0.0), seed=cfg.seed)
         with measured(work):
             train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()],
-                  online=settings)
+                  online=settings, trust_remote_code=cfg.model.trust_remote_code)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
     return folder / "model"
@@ -288,7 +288,8 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
             if "separator" in cfg.reward else cfg.reward
         with measured(work):
             train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(reward, reward_where), work,
-                      PPOConfig(**settings, seed=cfg.seed), where=where)
+                      PPOConfig(**settings, seed=cfg.seed), where=where,
+                      trust_remote_code=cfg.model.trust_remote_code)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build)
     return folder / "model"

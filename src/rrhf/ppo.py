@@ -527,7 +527,7 @@ def _load_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
 
 
 def train_ppo(model_path: str, prompts: list[str], references: list[str] | None, scorer, output_dir: Path,
-              config: PPOConfig, *, where: Placement | None = None) -> Path:
+              config: PPOConfig, *, where: Placement | None = None, trust_remote_code: bool = False) -> Path:
     """Train `model_path` with PPO on `prompts`, rewarded by `scorer`; resumes from output_dir/checkpoint.
 
     `references` (the data set's chosen responses) give the delta reward (`config.delta_reward`). Weights stay
@@ -547,7 +547,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     def autocast():
         return torch.autocast("cuda", dtype=where.dtype) if use_autocast else contextlib.nullcontext()
 
-    policy, tokenizer = load_causal_lm(model_path)
+    policy, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     freeze_bottom_layers(policy, config.num_layers_unfrozen)
     torch.manual_seed(config.seed)  # the value head's initialisation

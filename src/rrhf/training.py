@@ -55,19 +55,21 @@ def _wandb_env(args: RRHFArguments, output_dir: Path) -> Iterator[None]:
 
 
 def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *, args: RRHFArguments,
-          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None) -> Path:
+          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None,
+          trust_remote_code: bool = False) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
     Checkpoints go to args.output_dir (the pipeline uses output_dir/"checkpoints") and training resumes from
     the newest complete one found there. Writes output_dir/"model" (weights as safetensors + tokenizer) and
     output_dir/"log_history.json". With `online` (OP-k) the file's groups are the starting candidates,
     re-sampled every k steps (see `rrhf.online`); every refresh is kept in output_dir/"online".
+    `trust_remote_code` is the run's `model.trust_remote_code`: a model whose code comes with its weights.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     # The process group exists before the weights load: ZeRO-3 partitions them while loading, across the ranks.
     _ = args.device
     if args.deepspeed and torch.distributed.is_initialized():
@@ -77,7 +79,7 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
     # lose small updates.
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if args.add_pad_token:
         add_pad_token(model, tokenizer)
     records = read_training_file(train_file)
