@@ -95,6 +95,7 @@ BAD = {
     "best-of-n of 0": (["method=best_of_n", "method.n=0"], "method.n=0: expected an integer >= 1"),
     "ppo gamma": (["method=ppo", "method.ppo.gamma=2"],
                   "method.ppo.gamma=2: expected a finite number >= 0.0 and <= 1.0"),
+    "seed inside method.ppo": (["method=ppo", "+method.ppo.seed=3"], "method.ppo.seed: set by the pipeline"),
     "ppo unknown key": (["method=ppo", "+method.ppo.gama=0.9"], "method.ppo.gama: not a setting of rrhf.ppo.PPOConfig"),
     "dtype name": (["dtype=fp8"], "dtype='fp8': expected one of auto, float32, bfloat16, float16"),
     "sampling dtype name": (["sampling.dtype=half"], "sampling.dtype='half': expected one of auto"),

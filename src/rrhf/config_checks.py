@@ -216,7 +216,10 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None
     if method in TRAINED_BY_THE_TRAINER:
         _check_trainer(plain)
     if method == "ppo" and ppo is not None:
-        _check_fields("method.ppo", plain["method"].get("ppo") or {}, ppo, PPO_RULES)
+        settings = plain["method"].get("ppo") or {}
+        if "seed" in settings:
+            raise ConfigError(f"method.ppo.seed: set by the pipeline ({SET_BY_THE_PIPELINE['seed']}); remove it")
+        _check_fields("method.ppo", settings, ppo, PPO_RULES)
     _check_paths(plain)
 
 
