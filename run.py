@@ -1,7 +1,10 @@
 """Entry point: `python run.py [group=option ...]`, or `python run.py -m ...` for a sweep."""
 
 import logging
+import os
+import socket
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -29,7 +32,9 @@ def main(cfg: DictConfig) -> None:
     export_torch_env_from_slurm()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    failed = run_dir / "FAILED"
+    failed, started = run_dir / "FAILED", run_dir / "STARTED"
+    if rank() == 0:  # removed when the run ends: one left behind marks a run killed (or still running)
+        started.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}\n")
     try:
         run(cfg, run_dir)
     except HubItemsMissing as error:
@@ -40,8 +45,10 @@ def main(cfg: DictConfig) -> None:
     except BaseException:
         # The marker lets the collator list this run as a gap; the error still fails the job.
         failed.write_text(traceback.format_exc())
+        started.unlink(missing_ok=True)
         raise
     failed.unlink(missing_ok=True)
+    started.unlink(missing_ok=True)
     if cfg.collate and hydra_cfg.mode.name == "RUN" and rank() == 0:
         from rrhf.tables import collate
 

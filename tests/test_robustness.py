@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,12 +39,29 @@ def _metrics(tmp: Path, run: str = "smoke") -> dict:
     return strip(json.loads((tmp / "results" / run / "metrics.json").read_text()))
 
 
+def _weights(tmp: Path) -> dict[str, torch.Tensor]:
+    """The trained policy's weights (the run's one train artifact)."""
+    (model,) = (tmp / "artifacts" / "train").glob("*/model/model.safetensors")
+    return load_file(model)
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("reference")
     result = _run(tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    return _metrics(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: Path) -> dict:
+    return _metrics(reference_run)
+
+
+def test_smoke_metrics_depend_on_training(reference: dict) -> None:
+    """The tests below compare metrics: they only tell a broken resume from a good one if training moves them."""
+    assert reference["final"] != reference["initial"]
+    assert reference["final"]["ppl_exact"] != reference["initial"]["ppl_exact"]
 
 
 def test_same_config_and_seed_give_identical_metrics(reference: dict, tmp_path: Path) -> None:
@@ -51,15 +70,26 @@ def test_same_config_and_seed_give_identical_metrics(reference: dict, tmp_path: 
 
 
 @pytest.mark.parametrize("stage", ["sample", "score", "train", "evaluate"])
-def test_killed_stage_resumes_to_the_same_metrics(stage: str, reference: dict, tmp_path: Path) -> None:
+def test_killed_stage_resumes_to_the_same_metrics(stage: str, reference: dict, reference_run: Path,
+                                                  tmp_path: Path) -> None:
+    from rrhf.tables import find_runs
+
     killed = _run(tmp_path, crash_at=stage)
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL, mid-stage
     partial = list((tmp_path / "artifacts" / stage).glob("*.partial"))
     assert partial, f"the {stage} stage left no partial work to resume from"
     assert not list((tmp_path / "artifacts" / stage).glob("*/DONE")) or stage == "evaluate"
+    # The killed run is marked: the collator lists it beside the failed ones instead of skipping it.
+    run = tmp_path / "results" / "smoke"
+    assert (run / "STARTED").exists() and not (run / "FAILED").exists()
+    (listed,) = find_runs(tmp_path / "results").failed
+    assert str(run) in listed and "not finished" in listed
     resumed = _run(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (run / "STARTED").exists() and not find_runs(tmp_path / "results").failed
     assert _metrics(tmp_path) == reference
+    ours, theirs = _weights(tmp_path), _weights(reference_run)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_sweep_with_a_failing_job_finishes_the_others_and_lists_the_gap(tmp_path: Path) -> None:
@@ -81,6 +111,9 @@ def test_rerun_of_a_finished_sweep_of_six_runs_is_fast(tmp_path: Path) -> None:
     sweep = ("seed=1,2,3", "sampling=DP,P", "name=six")
     assert _run(tmp_path, *sweep, multirun=True).returncode == 0
     assert len(list((tmp_path / "results" / "six").glob("*/metrics.json"))) == 6
+    # Seeds train on the prompts in another order: other weights, and so other metrics.
+    finals = [_metrics(tmp_path, f"six/sampling=DP,seed={seed}")["final"] for seed in (1, 2, 3)]
+    assert all(finals[i] != finals[j] for i in range(3) for j in range(i))
     done = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").glob("*/*/DONE")}
     start = time.monotonic()
     again = _run(tmp_path, *sweep, multirun=True)
@@ -100,6 +133,15 @@ BAD_TRAINING_FILES = {
     "no responses": ('{"query": "q", "responses": [], "scores": []}\n', "bad.jsonl:1: empty 'responses' list"),
     "empty response": ('{"query": "q", "responses": ["a", " "], "scores": [1.0, 0.0]}\n',
                        "bad.jsonl:1: empty response at position 1"),
+    "empty file": ("", "bad.jsonl: no training examples"),
+    "whitespace only": ("  \n\n \t \n", "bad.jsonl: no training examples"),
+    "empty query": ('{"query": " ", "responses": ["a"], "scores": [1.0]}\n', "bad.jsonl:1: empty 'query'"),
+    "not utf-8": (b'{"query": "q", "responses": ["a"], "scores": [1.0]}\n'
+                  + b'{"query": "caf\xe9", "responses": ["a"], "scores": [1.0]}\n',
+                  r"bad.jsonl:2: byte 15 of the line \(0xe9\) is not UTF-8; data files must be UTF-8"),
+    "binary": (bytes(range(256)), r"bad.jsonl:2: byte 118 of the line \(0x80\) is not UTF-8"),
+    "duplicate key": ('{"query": "q", "responses": ["a"], "scores": [1.0], "scores": [2.0]}\n',
+                      "bad.jsonl:1: key 'scores' appears twice"),
 }
 
 
@@ -113,7 +155,7 @@ def test_bad_training_file_is_named_and_leaves_nothing(case: str, tmp_path: Path
 
     text, message = BAD_TRAINING_FILES[case]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(text)
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["sampling=file", f"sampling.train_file={bad}",
                                            f"paths.artifacts={tmp_path / 'artifacts'}"], return_hydra_config=True)
@@ -133,6 +175,7 @@ def test_failed_run_leaves_a_marker_and_no_metrics(tmp_path: Path) -> None:
     assert result.returncode != 0 and "bad.jsonl:1: 2 responses but 1 scores" in result.stderr
     (failed,) = (tmp_path / "results" / "smoke").rglob("FAILED")
     assert "2 responses but 1 scores" in failed.read_text()
+    assert not list((tmp_path / "results").rglob("STARTED"))  # a failed run is FAILED, not unfinished
     assert not list((tmp_path / "results").rglob("metrics.json"))
     artifacts = tmp_path / "artifacts"
     assert not list(artifacts.glob("score/*/DONE")) and not list(artifacts.glob("train/*"))

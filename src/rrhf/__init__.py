@@ -10,12 +10,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def dirname_safe(text: object) -> str:
-    """A run folder name from its overrides: a path among the values must not create sub-folders, and a
-    long list of overrides must not pass the file-name limit (255 bytes), so it is cut and a hash added."""
-    name = str(text).replace("/", "_")
+    """One folder name for a run's `name` or its overrides, never two texts in one folder, never outside.
+
+    A "/" among the values must not create sub-folders (nor `..` climb out of `paths.results`), so it
+    becomes "_", and "." or ".." is spelled with "_"; a long list of overrides must not pass the file-name
+    limit (255 bytes), so it is cut. Wherever that changed the text, a hash of the whole text is appended:
+    `a_b/t.jsonl` and `a/b_t.jsonl` get different folders. A text that needed no change is its own name.
+    """
+    original = str(text)
+    name = original.replace("/", "_")
+    if name in (".", ".."):
+        name = name.replace(".", "_")
+    digest = hashlib.sha256(original.encode()).hexdigest()
     if len(name.encode()) > 200:
-        name = name.encode()[:180].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
-    return name
+        return name.encode()[:180].decode(errors="ignore") + "-" + digest[:16]
+    return name if name == original else f"{name}-{digest[:10]}"
 
 
 if not OmegaConf.has_resolver("dirname_safe"):

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rrhf.data import strict_json
 from rrhf.launch import launch_id, rank, world_size
 from rrhf.sharding import clean as clean_shards
 from rrhf.sharding import mark_failed, wait_for
@@ -90,7 +91,7 @@ def run_stage(root: Path, stage: str, inputs: dict, build: Callable[[Path], None
     with atomic_dir(target, keep_partial=True) as work:
         if work == target:  # finished by a concurrent run while we waited for the lock
             return target, False
-        (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+        (work / "inputs.json").write_text(strict_json(inputs, "inputs.json", indent=2, sort_keys=True, default=str))
         log.info("%s: building %s", stage, target)
         build(work)
         clean_shards(work)
@@ -120,16 +121,18 @@ def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[
         clean_shards(work)
         for marker in work.glob("built-*"):
             marker.unlink()
-        (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True, default=str))
+        (work / "inputs.json").write_text(strict_json(inputs, "inputs.json", indent=2, sort_keys=True, default=str))
         (work / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         os.replace(work, target)
     return target, True
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file; strict JSON (a NaN
+    or an infinity is refused, naming the file and the key: `rrhf.data.strict_json`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = strict_json(obj, path, indent=2, sort_keys=True, default=str)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)

@@ -12,10 +12,11 @@ it, which only sets the padded row length of the official loss (paper-notes sect
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,15 @@ def load_split(source: str | Path, split: str, *, limit: int | None = None) -> l
     """
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
-        rows = read_jsonl(folder / f"{split}.jsonl", _check_row)
+        where = folder / f"{split}.jsonl"
+        rows = read_jsonl(where, _check_row)
     else:
+        where = f"{source}[{split}]"
         rows = hub_rows(str(source), split)
         for i, row in enumerate(rows):
-            _check_row(row, f"{source}[{split}] row {i}")
+            _check_row(row, f"{where} row {i}")
+    if not rows:
+        raise ValueError(f"{where}: no rows (the split is empty or holds only blank lines)")
     return rows if limit is None else rows[:limit]
 
 
@@ -55,37 +60,95 @@ def hub_rows(name: str, split: str) -> list[dict[str, Any]]:
 
 
 def read_jsonl(path: str | Path, check: Callable[[Any, str], None] | None = None) -> list[dict[str, Any]]:
-    """The objects of a JSON-lines file, each passed to `check(row, "file:line")`; blank lines skipped.
+    """The objects of a JSON-lines file (UTF-8), each passed to `check(row, "file:line")`; blank lines skipped.
 
-    Errors (ValueError) name the file and the line number.
+    Errors (ValueError) name the file and the line number: bytes that are not UTF-8, a line that is not
+    JSON, an object that names a key twice (JSON would keep only the last).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: data file not found")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-            if check is not None:
-                check(row, where)
-            rows.append(row)
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+        except _DuplicateKey as error:
+            raise ValueError(f"{where}: key {error.args[0]!r} appears twice in one object") from None
+        if check is not None:
+            check(row, where)
+        rows.append(row)
     return rows
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a UTF-8 file (a leading byte-order mark allowed), split as text-mode reading splits
+    them; a byte that is not UTF-8 is named by its line and position instead of a bare UnicodeDecodeError."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(f"{path}:{line}: byte {error.start - line_start + 1} of the line (0x{data[error.start]:02x}) "
+                         "is not UTF-8; data files must be UTF-8 text, one JSON object a line") from None
+    return enumerate(io.StringIO(text, newline=None), start=1)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def strict_json(obj: Any, where: str | Path, **kwargs: Any) -> str:
+    """`json.dumps` that refuses NaN and infinities (which JSON has no words for: Python would write the
+    non-standard `NaN` / `Infinity`), naming `where` and the key path of the first such value."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        bad = _non_finite(obj, "")
+        if bad is None:
+            raise
+        raise ValueError(f"{where}: {bad[0] or 'the value'} is {bad[1]}, not a finite number; refusing to write "
+                         "it (JSON files are written strict, without NaN or Infinity)") from None
+
+
+def _non_finite(node: Any, at: str) -> tuple[str, float] | None:
+    if isinstance(node, float) and not math.isfinite(node):
+        return at, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{at}.{key}" if isinstance(key, str) else f"{at}[{key}]")
+        if found:
+            return found[0].lstrip("."), found[1]
+    return None
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
-    """Write one JSON object a line through a temporary file and a rename: a reader never sees half a file,
-    and several processes writing the same rows (ranks finishing one stage) leave one whole copy."""
+    """Write one JSON object a line (strict JSON: `strict_json`) through a temporary file and a rename: a
+    reader never sees half a file, and several processes writing the same rows (ranks finishing one stage)
+    leave one whole copy."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for number, row in enumerate(rows, start=1):
+                handle.write(strict_json(row, f"{path}:{number}") + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -188,7 +251,8 @@ def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) 
     """Read a training file, checking every line; errors (ValueError) name the file and line number.
 
     An empty response string is legal where a policy wrote it (it answered with EOS at once: that
-    candidate scores its EOS alone); for a file a user brings, allow_empty_responses=False refuses it.
+    candidate scores its EOS alone); for a file a user brings, allow_empty_responses=False refuses it. An
+    empty query is refused everywhere, as an empty data-set prompt is, and so is a file without an example.
     """
 
     def check(row: Any, where: str) -> None:
@@ -197,9 +261,12 @@ def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) 
         if empty and not allow_empty_responses:
             raise ValueError(f"{where}: empty response at position {empty[0]}")
 
-    return [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]],
+    rows = [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]],
              **({"pad_responses": list(row["pad_responses"])} if row.get("pad_responses") else {})}
             for row in read_jsonl(path, check)]
+    if not rows:
+        raise ValueError(f"{path}: no training examples (the file is empty or holds only blank lines)")
+    return rows
 
 
 def write_training_file(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
@@ -216,6 +283,8 @@ def _check_example(row: Any, where: str) -> None:
             raise ValueError(f"{where}: missing field {field!r}")
     if not isinstance(row["query"], str):
         raise ValueError(f"{where}: 'query' must be a string")
+    if not row["query"].strip():
+        raise ValueError(f"{where}: empty 'query'")
     responses, scores = row["responses"], row["scores"]
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
         raise ValueError(f"{where}: 'responses' must be a list of strings")

@@ -75,6 +75,9 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
 
     Each text is cleaned (newlines to spaces, stripped, empty -> " "), tokenised without special tokens
     and scored after a prepended BOS token (EOS where the tokenizer has no BOS), which is context only.
+    A text that gives no tokens (an empty response under a tokenizer without a token for " ") is scored
+    as the judge's EOS token alone, i.e. the perplexity of ending the response at once; so every response,
+    the policy's empty ones included, has a finite score and evaluation always finishes.
     mode="paper" reproduces the authors' metric script: the text is cut to its first 19 tokens and the
     perplexity is 2 ** (mean token NLL in nats). mode="exact" scores the whole text (cut only to the
     model's maximum positions) and returns exp(mean NLL). Batches are right-padded, padding unscored.
@@ -93,9 +96,10 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
         limit = max_positions - 1 if max_positions else None
     cleaned = [_clean(t) for t in texts]
     ids = [x[:limit] for x in tokenizer(cleaned, add_special_tokens=False).input_ids] if cleaned else []
-    empty = [t for t, x in zip(cleaned, ids, strict=True) if not x]
-    if empty:
-        raise ValueError(f"texts with no tokens cannot be scored, e.g. {empty[0]!r}")
+    # A text the judge's tokenizer has no tokens for (an empty response, cleaned to " ", under a tokenizer
+    # that drops spaces) is scored as the judge's EOS alone: the response ended at once.
+    end_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else context_id
+    ids = [x if x else [end_id] for x in ids]
 
     @torch.no_grad()
     def score(chunk: list[int]) -> list[float]:

@@ -288,7 +288,7 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
                                       kl_coef=float(cfg.sampling.get("kl_coef") or 0.0), seed=cfg.seed)
         with measured(work):
             train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()],
-                  online=settings)
+                  online=settings, trust_remote_code=cfg.model.trust_remote_code)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
     return folder / "model"
@@ -314,7 +314,8 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
             if "separator" in cfg.reward else cfg.reward
         with measured(work):
             train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(reward, reward_where), work,
-                      PPOConfig(**settings, seed=cfg.seed), where=where)
+                      PPOConfig(**settings, seed=cfg.seed), where=where,
+                      trust_remote_code=cfg.model.trust_remote_code)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build)
     return folder / "model"
@@ -414,7 +415,10 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         write_jsonl(work / "responses.jsonl", ({"prompt": prompt, "response": responses[i], "reward": rewards[i],
                                                 "ppl_paper": ppl["paper"][i], "ppl_exact": ppl["exact"][i]}
                                                for i, prompt in enumerate(prompts)))
-        metrics |= {"reward": sum(rewards) / len(rewards),
+        # Empty responses (after the stop cut) are scored like any other (`perplexities`: the judge's EOS
+        # alone where its tokenizer has no token for them) and counted here.
+        metrics |= {"empty_responses": sum(not r.strip() for r in responses),
+                    "reward": sum(rewards) / len(rewards),
                     "ppl_paper": sum(ppl["paper"]) / len(responses),
                     "ppl_exact": sum(ppl["exact"]) / len(responses)}
         write_json_atomic(work / "metrics.json", metrics)
@@ -438,6 +442,10 @@ def initial_policy(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage the config asks for and write `metrics.json` into the run folder."""
+    from rrhf.config_checks import check_config
+    from rrhf.ppo import PPOConfig
+
+    check_config(cfg, ppo=PPOConfig)  # the whole config, before any stage loads a model
     _set_threads(cfg)
     hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking

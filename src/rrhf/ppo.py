@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from rrhf import tracking
 from rrhf.assets import load_causal_lm
+from rrhf.data import strict_json
 from rrhf.generation import check_context, left_truncated_batch, pad_id, sample, trlx_stop_cut
 from rrhf.placement import Placement
 
@@ -492,7 +493,7 @@ def _save_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
     torch.save({"policy": _trainable_state(policy), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
                 "round": state.round, "cursor": state.cursor, "kl_coef": state.kl.value,
                 "moments": vars(state.moments), "rng": rng, "config": asdict(config)}, work / "state.pt")
-    (work / "log_history.json").write_text(json.dumps(state.history, indent=1))
+    (work / "log_history.json").write_text(strict_json(state.history, work / "log_history.json", indent=1))
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
         folder.rename(old)
@@ -527,7 +528,7 @@ def _load_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
 
 
 def train_ppo(model_path: str, prompts: list[str], references: list[str] | None, scorer, output_dir: Path,
-              config: PPOConfig, *, where: Placement | None = None) -> Path:
+              config: PPOConfig, *, where: Placement | None = None, trust_remote_code: bool = False) -> Path:
     """Train `model_path` with PPO on `prompts`, rewarded by `scorer`; resumes from output_dir/checkpoint.
 
     `references` (the data set's chosen responses) give the delta reward (`config.delta_reward`). Weights stay
@@ -547,7 +548,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     def autocast():
         return torch.autocast("cuda", dtype=where.dtype) if use_autocast else contextlib.nullcontext()
 
-    policy, tokenizer = load_causal_lm(model_path)
+    policy, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     freeze_bottom_layers(policy, config.num_layers_unfrozen)
     torch.manual_seed(config.seed)  # the value head's initialisation
@@ -578,7 +579,8 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
                "mean_response_tokens": stats["mean_response_tokens"],
                "seconds": time.perf_counter() - started}
         state.history.append(row)
-        (output_dir / "log_history.json").write_text(json.dumps(state.history, indent=1))
+        (output_dir / "log_history.json").write_text(strict_json(state.history, output_dir / "log_history.json",
+                                                                  indent=1))
         tracking.log(row, prefix="ppo")
         log.info("ppo round %d/%d: score %.4f, delta %.4f, kl %.4f (coef %.5f), pg %.4f, vf %.4f, %.1f tokens, "
                  "%.1fs", state.round, config.iterations, row["mean_score"], row["mean_reward_delta"],
@@ -591,7 +593,7 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     shutil.rmtree(work, ignore_errors=True)
     policy.save_pretrained(work, safe_serialization=True)
     tokenizer.save_pretrained(work)
-    (output_dir / "ppo_config.json").write_text(json.dumps(asdict(config), indent=1))
+    (output_dir / "ppo_config.json").write_text(strict_json(asdict(config), "ppo_config.json", indent=1))
     shutil.rmtree(model_dir, ignore_errors=True)
     work.rename(model_dir)
     return model_dir

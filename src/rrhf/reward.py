@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rrhf import hub
 from rrhf.placement import Placement
 from rrhf.sharding import length_sorted_batches, map_batches
 
@@ -124,10 +125,15 @@ class GPTJRMScorer(Scorer):
 
         from rrhf.assets import load_tokenizer, resolve_model
 
-        checkpoint = Path(resolve_model(cfg.checkpoint_repo)) / cfg.checkpoint_file
+        where_keys = (f"reward.checkpoint_repo={cfg.checkpoint_repo!r}, "
+                      f"reward.checkpoint_file={cfg.checkpoint_file!r}: the gptj-rm-static checkpoint")
+        try:
+            checkpoint = Path(resolve_model(cfg.checkpoint_repo)) / cfg.checkpoint_file
+        except hub.HubItemsMissing as error:
+            raise FileNotFoundError(f"{where_keys} is not in the local cache ({error})") from None
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"reward.checkpoint_file: {checkpoint} not found ({cfg.checkpoint_repo} has no "
-                                    f"{cfg.checkpoint_file}; reward.checkpoint_repo / reward.checkpoint_file)")
+            raise FileNotFoundError(f"{where_keys} {checkpoint} not found ({cfg.checkpoint_repo} has no "
+                                    f"{cfg.checkpoint_file})")
         config = AutoConfig.from_pretrained(resolve_model(cfg.backbone))
         model = GPTJRewardModel.from_checkpoint(config, str(checkpoint), where.dtype)
         return cls(model, load_tokenizer(cfg.tokenizer), max_length=cfg.max_length,

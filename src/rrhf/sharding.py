@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from rrhf.data import strict_json
 from rrhf.launch import crash_point, launch_id, rank, world_size
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def map_batches(work: Path, name: str, batches: Sequence[Sequence[int]], compute
             results = compute(list(batches[j]))
             if len(results) != len(batches[j]):
                 raise RuntimeError(f"{desc}: {len(results)} results for a batch of {len(batches[j])}")
-            handle.write(json.dumps({"batch": j, "results": results}) + "\n")
+            handle.write(strict_json({"batch": j, "results": results}, f"{shard} (batch {j})") + "\n")
             handle.flush()
             bar.update(len(batches[j]))
             if crash_stage:

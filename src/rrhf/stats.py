@@ -20,16 +20,23 @@ def sample_statistics(groups_of_scores: Sequence[Sequence[float]]) -> dict[str, 
     """Table 6's Mean / Std. / Max of the reward scores of a policy's training samples.
 
     mean: over all scores; std: their population standard deviation (numpy's default ddof=0; the paper
-    does not say which); max: the mean over groups (queries) of each group's maximum.
+    does not say which); max: the mean over groups (queries) of each group's maximum. Scores must be finite;
+    scores so large that their sums overflow (|score| near 1.8e308) are divided by the largest magnitude
+    before summing and multiplied back, so the statistics stay finite.
     """
     if not groups_of_scores or any(len(g) == 0 for g in groups_of_scores):
         raise ValueError("sample_statistics needs at least one group and no empty group")
     flat = np.concatenate([np.asarray(g, dtype=float) for g in groups_of_scores])
-    return {
-        "mean": float(flat.mean()),
-        "std": float(flat.std()),
-        "max": float(np.mean([max(g) for g in groups_of_scores])),
-    }
+    if not np.isfinite(flat).all():
+        raise ValueError(f"sample_statistics needs finite scores, got {flat[~np.isfinite(flat)][0]}")
+    maxima = np.asarray([max(g) for g in groups_of_scores], dtype=float)
+    with np.errstate(over="ignore", invalid="ignore"):
+        stats = {"mean": float(flat.mean()), "std": float(flat.std()), "max": float(maxima.mean())}
+        if not all(np.isfinite(v) for v in stats.values()):
+            scale = float(np.abs(flat).max())
+            stats = {"mean": float((flat / scale).mean()) * scale, "std": float((flat / scale).std()) * scale,
+                     "max": float((maxima / scale).mean()) * scale}
+    return stats
 
 
 def paired_interval(a: np.ndarray | Sequence, b: np.ndarray | Sequence, *, resamples: int = 2000, seed: int = 0,

@@ -98,6 +98,9 @@ def find_runs(results: Path, *, ppl: str = "paper", samples: str = "all") -> Col
             found.failed.append(f"{folder}: {(folder / 'FAILED').read_text().strip().splitlines()[-1]}")
             continue
         if not (folder / "metrics.json").exists():
+            if (folder / "STARTED").exists():  # killed, or still running: never silently skipped
+                found.failed.append(f"{folder}: started {(folder / 'STARTED').read_text().strip()}, not finished "
+                                    "(killed, or still running)")
             continue
         cfg = OmegaConf.load(config_file)
         metrics = json.loads((folder / "metrics.json").read_text())

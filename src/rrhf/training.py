@@ -8,7 +8,6 @@ prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from transformers import Trainer, TrainerCallback
 from rrhf import tracking
 from rrhf.assets import add_pad_token, load_tokenizer
 from rrhf.collator import LMCollator, RRHFCollator
-from rrhf.data import read_training_file
+from rrhf.data import read_training_file, strict_json
 from rrhf.online import OnlineRRHFTrainer, OnlineSettings, run_schedule
 from rrhf.trainer import PairwiseArguments, PairwiseTrainer, RRHFArguments, RRHFTrainer
 
@@ -31,19 +30,21 @@ def last_checkpoint(folder: str | Path) -> str | None:
 
 def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *,
           args: RRHFArguments | PairwiseArguments,
-          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None) -> Path:
+          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None,
+          trust_remote_code: bool = False) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
     Checkpoints go to args.output_dir (the pipeline uses output_dir/"checkpoints") and training resumes from
     the newest complete one found there. Writes output_dir/"model" (weights as safetensors + tokenizer) and
     output_dir/"log_history.json". With `online` (OP-k) the file's groups are the starting candidates,
     re-sampled every k steps (see `rrhf.online`); every refresh is kept in output_dir/"online".
+    `trust_remote_code` is the run's `model.trust_remote_code`: a model whose code comes with its weights.
     """
     from transformers import AutoModelForCausalLM
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(str(model_path))
+    tokenizer = load_tokenizer(str(model_path), trust_remote_code=trust_remote_code)
     # The process group exists before the weights load: ZeRO-3 partitions them while loading, across the ranks.
     _ = args.device
     if args.deepspeed and torch.distributed.is_initialized():
@@ -53,7 +54,7 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
     # lose small updates.
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     if args.add_pad_token:
         add_pad_token(model, tokenizer)
     records = read_training_file(train_file)
@@ -85,7 +86,8 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     final = output_dir / "model"
     trainer.save_model(str(final))
     if trainer.is_world_process_zero():
-        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        log = output_dir / "log_history.json"
+        log.write_text(strict_json(trainer.state.log_history, log, indent=1))  # a diverged run is refused here
     if args.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
