@@ -204,10 +204,11 @@ PPO_RULES: dict[str, Rule] = {
 }
 
 
-def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None) -> None:
+def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None, launch: bool = True) -> None:
     """Refuse, with one `ConfigError`, a config that cannot run here; called before any model is loaded.
 
     `ppo` is the dataclass `method.ppo` becomes (rrhf.ppo.PPOConfig): its fields are that section's schema.
+    `launch=False` leaves out `check_launch`, for a caller that runs it later.
     """
     plain = _plain(cfg)
     for key in REQUIRED:
@@ -227,6 +228,8 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None
             raise ConfigError(f"method.ppo.seed: set by the pipeline ({SET_BY_THE_PIPELINE['seed']}); remove it")
         _check_fields("method.ppo", settings, ppo, PPO_RULES)
     _check_paths(plain)
+    if launch:
+        check_launch(plain)
 
 
 def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -314,7 +317,6 @@ def _check_trainer(plain: dict[str, Any]) -> None:
     from rrhf.trainer import PairwiseArguments, RRHFArguments
 
     arguments = PairwiseArguments if plain["method"]["name"] in PAIRWISE else RRHFArguments
-
     args = plain["trainer"].get("args") or {}
     method_args = plain["method"].get("train_args") or {}
     for section, values in (("trainer.args", args), ("method.train_args", method_args)):
@@ -327,6 +329,16 @@ def _check_trainer(plain: dict[str, Any]) -> None:
     merged = args | method_args  # a method's own settings win over the profile's
     if merged.get("bf16") and merged.get("fp16"):
         raise ConfigError("trainer.args.bf16=true and trainer.args.fp16=true: at most one mixed precision")
+
+
+def check_launch(cfg: DictConfig | Mapping[str, Any]) -> None:
+    """Refuse a trainer profile this launch cannot run: FSDP or DeepSpeed in a plain process, DeepSpeed without
+    its package. Part of `check_config`; the pipeline runs it after `rrhf.hub.require`, so that a job missing
+    its Hub files says so first (fetching them is the first step on a cluster, the launcher the second)."""
+    plain = _plain(cfg)
+    if plain["method"]["name"] not in TRAINED_BY_THE_TRAINER:
+        return
+    merged = (plain["trainer"].get("args") or {}) | (plain["method"].get("train_args") or {})
     deepspeed, fsdp = merged.get("deepspeed"), merged.get("fsdp")
     if (deepspeed or fsdp) and not all(k in os.environ for k in LAUNCH_VARIABLES):
         profile = plain["trainer"].get("name")

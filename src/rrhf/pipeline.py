@@ -442,12 +442,13 @@ def initial_policy(cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage the config asks for and write `metrics.json` into the run folder."""
-    from rrhf.config_checks import check_config
+    from rrhf.config_checks import check_config, check_launch
     from rrhf.ppo import PPOConfig
 
-    check_config(cfg, ppo=PPOConfig)  # the whole config, before any stage loads a model
+    check_config(cfg, ppo=PPOConfig, launch=False)  # the whole config, before any stage loads a model
     _set_threads(cfg)
     hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
+    check_launch(cfg)  # a profile this launch cannot run (FSDP in a plain process), once the files are there
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
     model_path = initial_policy(cfg)

@@ -132,8 +132,8 @@ class GPTJRMScorer(Scorer):
         except hub.HubItemsMissing as error:
             raise FileNotFoundError(f"{where_keys} is not in the local cache ({error})") from None
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"{where_keys} {checkpoint} not found ({cfg.checkpoint_repo} has no "
-                                    f"{cfg.checkpoint_file})")
+            raise FileNotFoundError(f"reward.checkpoint_file: {checkpoint} not found ({cfg.checkpoint_repo} has no "
+                                    f"{cfg.checkpoint_file}; reward.checkpoint_repo / reward.checkpoint_file)")
         config = AutoConfig.from_pretrained(resolve_model(cfg.backbone))
         model = GPTJRewardModel.from_checkpoint(config, str(checkpoint), where.dtype)
         return cls(model, load_tokenizer(cfg.tokenizer), max_length=cfg.max_length,
