@@ -64,6 +64,14 @@ def test_smoke_metrics_depend_on_training(reference: dict) -> None:
     assert reference["final"]["ppl_exact"] != reference["initial"]["ppl_exact"]
 
 
+def test_smoke_metrics_differ_between_seeds(reference: dict, tmp_path: Path) -> None:
+    """Seed 2 trains other weights, and the metrics show it (sampling, training order and evaluation all move)."""
+    assert _run(tmp_path, "seed=2").returncode == 0
+    (metrics,) = (tmp_path / "results").rglob("metrics.json")
+    other = _metrics(tmp_path, str(metrics.parent.relative_to(tmp_path / "results")))
+    assert other["final"] != reference["final"]
+
+
 def test_same_config_and_seed_give_identical_metrics(reference: dict, tmp_path: Path) -> None:
     assert _run(tmp_path).returncode == 0
     assert _metrics(tmp_path) == reference
