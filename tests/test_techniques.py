@@ -115,3 +115,9 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout[-2000:]
     for run in load_arms(tmp_path / "results" / "techniques", "techniques")["dpo"].runs:
         assert Path(run.metrics["train_log"]).parent.joinpath("reference_logprobs.jsonl").exists()
+    # `python -m rrhf.techniques <sweep>` rewrites the same table from the finished runs.
+    again = subprocess.run([sys.executable, "-m", "rrhf.techniques", str(tmp_path / "results" / "techniques"),
+                            "--out", str(tmp_path / "again")], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "again" / "techniques.csv").read_text() == (tmp_path / "tables" / "techniques.csv").read_text()

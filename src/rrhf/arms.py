@@ -8,7 +8,11 @@ evaluation (responses.jsonl) and the recorded cost of its stages (timing.json).
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,3 +126,16 @@ def spread(values: np.ndarray | list[float]) -> float:
     """Standard deviation over seeds (ddof 1), NaN for a single seed."""
     values = np.asarray(values, dtype=float)
     return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def table_main(argv: list[str] | None, *, doc: str, experiment: str,
+               write: Callable[[Path, Path], list[Path]]) -> None:
+    """`python -m rrhf.<experiment> <sweep folder> [--out DIR]`: rewrite a sweep's table from its finished runs."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help=f"the sweep folder of experiment={experiment}")
+    parser.add_argument("--out", type=Path, default=Path("paper_tables"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for path in write(args.results, args.out):
+        print(path)
+    print((args.out / f"{experiment}.md").read_text())

@@ -14,9 +14,7 @@ for PPO).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rrhf.arms import Arm, compare, spread
+from rrhf.arms import Arm, compare, spread, table_main
 from rrhf.arms import load_arms as _load_arms
 
 log = logging.getLogger(__name__)
@@ -208,14 +206,7 @@ class FindingsCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="the sweep folder of experiment=findings")
-    parser.add_argument("--out", type=Path, default=Path("paper_tables"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for path in write_findings(args.results, args.out):
-        print(path)
-    print((args.out / "findings.md").read_text())
+    table_main(argv, doc=__doc__, experiment="findings", write=write_findings)
 
 
 if __name__ == "__main__":

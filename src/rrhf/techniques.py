@@ -13,10 +13,8 @@ with a 95% paired bootstrap interval over training seeds and test prompts (`rrhf
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rrhf.arms import Arm, Run, compare, load_arms, spread
+from rrhf.arms import Arm, Run, compare, load_arms, spread, table_main
 from rrhf.data import read_jsonl
 from rrhf.pairwise import HAS_NLL, LENGTH_NORMALISED, LOSSES, USES_REFERENCE
 
@@ -244,14 +242,7 @@ class TechniquesCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="the sweep folder of experiment=techniques")
-    parser.add_argument("--out", type=Path, default=Path("paper_tables"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for path in write_techniques(args.results, args.out):
-        print(path)
-    print((args.out / "techniques.md").read_text())
+    table_main(argv, doc=__doc__, experiment="techniques", write=write_techniques)
 
 
 if __name__ == "__main__":
