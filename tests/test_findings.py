@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.latex import compile_table
 from omegaconf import OmegaConf
 
 from rrhf.findings import CLAIMS, claim_verdict, comparison_verdict, load_arms, write_findings
@@ -169,15 +170,10 @@ def test_seeds_are_kept_apart_and_the_verdict_covers_them(tmp_path: Path) -> Non
 
 @pytest.mark.skipif(__import__("shutil").which("pdflatex") is None, reason="pdflatex not installed")
 def test_findings_tex_compiles(tmp_path: Path) -> None:
-    import subprocess
 
     results = tmp_path / "results" / "findings"
     _fake_arm(results, "initial", [0.1, 0.2, 0.3], [10.0, 11.0, 12.0], None)
     _fake_arm(results, "rrhf_dp", [0.4, 0.5, 0.6], [10.0, 11.0, 12.0], {"seconds": 1.0, "peak_rss_mib": 500.0})
     write_findings(results, tmp_path / "tables")
-    document = tmp_path / "doc.tex"
-    document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                        f"\\input{{{tmp_path / 'tables' / 'findings.tex'}}}\n\\end{{document}}\n")
-    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = compile_table(tmp_path / "tables" / "findings.tex", tmp_path)
     assert result.returncode == 0, result.stdout[-2000:]

@@ -4,12 +4,12 @@ reward model of the runs, CSV numbers as printed, and every .tex compiles with p
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from fixtures.latex import compile_table
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -162,9 +162,5 @@ def test_every_table_compiles_with_pdflatex(results: Path, tmp_path: Path) -> No
     tex_files = [p for p in written if p.suffix == ".tex"]
     assert len(tex_files) == 2 * len(TABLES)
     for tex in tex_files:
-        document = tmp_path / f"doc_{tex.stem}.tex"
-        document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                            f"\\input{{{tex}}}\n\\end{{document}}\n")
-        result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        result = compile_table(tex, tmp_path)
         assert result.returncode == 0, f"{tex.name}:\n{result.stdout[-2000:]}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from fixtures.latex import compile_table
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -107,11 +108,7 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
     assert "| DPO (best_worst) |" in text and "training seeds 1, 2" in text
     assert (tmp_path / "tables" / "techniques.tex").read_text().count(r"\toprule") == 1
     if shutil.which("pdflatex"):
-        document = tmp_path / "doc.tex"
-        document.write_text("\\documentclass{article}\n\\usepackage{booktabs}\n\\begin{document}\n"
-                            f"\\input{{{tmp_path / 'tables' / 'techniques.tex'}}}\n\\end{{document}}\n")
-        done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", document.name],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        done = compile_table(tmp_path / "tables" / "techniques.tex", tmp_path)
         assert done.returncode == 0, done.stdout[-2000:]
     for run in load_arms(tmp_path / "results" / "techniques", "techniques")["dpo"].runs:
         assert Path(run.metrics["train_log"]).parent.joinpath("reference_logprobs.jsonl").exists()

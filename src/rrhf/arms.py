@@ -128,6 +128,14 @@ def spread(values: np.ndarray | list[float]) -> float:
     return float(values.std(ddof=1)) if len(values) > 1 else float("nan")
 
 
+def write_files(out: Path, files: dict[str, str]) -> list[Path]:
+    """Write a sweep table's files (name -> text) into `out`; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return [out / name for name in files]
+
+
 def table_main(argv: list[str] | None, *, doc: str, experiment: str,
                write: Callable[[Path, Path], list[Path]]) -> None:
     """`python -m rrhf.<experiment> <sweep folder> [--out DIR]`: rewrite a sweep's table from its finished runs."""

@@ -24,7 +24,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rrhf.arms import Arm, compare, spread, table_main
+from rrhf.arms import Arm, compare, spread, table_main, write_files
 from rrhf.arms import load_arms as _load_arms
 
 log = logging.getLogger(__name__)
@@ -186,16 +186,14 @@ def write_findings(results: Path, out: Path) -> list[Path]:
     if not arms:
         raise FileNotFoundError(f"{results}: no finished run of experiment=findings")
     claims, table = evaluate_claims(arms), arm_table(arms)
-    out.mkdir(parents=True, exist_ok=True)
     files = {"findings.md": markdown(claims, table), "findings.csv": claims.to_csv(index=False),
              "findings_arms.csv": table.to_csv(index=False),
              "findings.tex": claims.astype(object).where(claims.notna(), "").to_latex(
                  index=False, escape=True, float_format="%.3f", caption="The paper's claims on the embedded default.",
                  label="tab:findings")}
-    for name, text in files.items():
-        (out / name).write_text(text)
+    written = write_files(out, files)
     log.info("findings: %d arms, %d claims -> %s", len(arms), len(CLAIMS), out / "findings.md")
-    return [out / name for name in files]
+    return written
 
 
 class FindingsCallback(Callback):

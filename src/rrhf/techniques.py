@@ -23,7 +23,7 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rrhf.arms import Arm, Run, compare, load_arms, spread, table_main
+from rrhf.arms import Arm, Run, compare, load_arms, spread, table_main, write_files
 from rrhf.data import read_jsonl
 from rrhf.pairwise import HAS_NLL, LENGTH_NORMALISED, LOSSES, USES_REFERENCE
 
@@ -218,7 +218,6 @@ def write_techniques(results: Path, out: Path) -> list[Path]:
     if not arms:
         raise FileNotFoundError(f"{results}: no finished run of experiment=techniques")
     table = technique_table(arms)
-    out.mkdir(parents=True, exist_ok=True)
     columns = ["technique", *SLIDE, "seeds", "reward", "ppl_paper", "ppl_exact", "preference_accuracy",
                "responses_used_per_prompt", "train_seconds", "train_peak_rss_mib", "reward_vs_rrhf_dp", "ci_low",
                "ci_high"]
@@ -228,10 +227,9 @@ def write_techniques(results: Path, out: Path) -> list[Path]:
                  index=False, escape=True, float_format="%.3f", label="tab:techniques",
                  caption="The slide's techniques on the same candidates ("
                  + _setting(arms).replace("`", "").replace("_", r"\_") + ").")}
-    for name, text in files.items():
-        (out / name).write_text(text)
+    written = write_files(out, files)
     log.info("techniques: %d arms -> %s", len(arms), out / "techniques.md")
-    return [out / name for name in files]
+    return written
 
 
 class TechniquesCallback(Callback):
