@@ -37,15 +37,13 @@ def main(cfg: DictConfig) -> None:
         started.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}\n")
     try:
         run(cfg, run_dir)
-    except HubItemsMissing as error:
-        # One line on the terminal (each job of a sweep prints its own), the traceback in FAILED.
-        failed.write_text(traceback.format_exc())
-        print(f"rrhf: {run_dir}: {error}", file=sys.stderr, flush=True)
-        raise MissingHubItems(str(error)) from None
-    except BaseException:
+    except BaseException as error:
         # The marker lets the collator list this run as a gap; the error still fails the job.
         failed.write_text(traceback.format_exc())
         started.unlink(missing_ok=True)
+        if isinstance(error, HubItemsMissing):  # one line on the terminal, each job of a sweep its own
+            print(f"rrhf: {run_dir}: {error}", file=sys.stderr, flush=True)
+            raise MissingHubItems(str(error)) from None
         raise
     failed.unlink(missing_ok=True)
     started.unlink(missing_ok=True)

@@ -128,6 +128,7 @@ def test_the_users_command_without_the_files_fails_fast_naming_each_jobs_items(t
     failed = sorted((tmp_path / "results").rglob("FAILED"))
     assert len(failed) == 3 and all("Traceback" in f.read_text() and "HubItemsMissing" in f.read_text()
                                     for f in failed)
+    assert not list((tmp_path / "results").rglob("STARTED")), "a failed run is FAILED, not unfinished"
     assert not (tmp_path / "artifacts").exists(), "no stage started"
 
 
