@@ -204,11 +204,13 @@ PPO_RULES: dict[str, Rule] = {
 }
 
 
-def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None, launch: bool = True) -> None:
+def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None,
+                 launch: bool = True) -> dict[str, Any]:
     """Refuse, with one `ConfigError`, a config that cannot run here; called before any model is loaded.
 
     `ppo` is the dataclass `method.ppo` becomes (rrhf.ppo.PPOConfig): its fields are that section's schema.
-    `launch=False` leaves out `check_launch`, for a caller that runs it later.
+    `launch=False` leaves out `check_launch`, for a caller that runs it later. Returns the resolved config as
+    plain containers (what `check_launch` takes without resolving it again).
     """
     plain = _plain(cfg)
     for key in REQUIRED:
@@ -230,6 +232,7 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None
     _check_paths(plain)
     if launch:
         check_launch(plain)
+    return plain
 
 
 def _plain(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from rrhf.generation import (
     prompt_ids,
     sample,
     stop_cut,
+    stopping,
 )
 from rrhf.sharding import Mapper, length_sorted_batches, local_map
 
@@ -52,10 +53,7 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
             out = model.generate(input_ids=batch["input_ids"].to(model.device),
                                  attention_mask=batch["attention_mask"].to(model.device),
                                  do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 # The tokenizer's EOS, not the model's generation config: alpaca-native's says
-                                 # eos_token_id 1 ("<s>") where its EOS is "</s>" (2), so it never stopped.
-                                 eos_token_id=tokenizer.eos_token_id,
-                                 **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}))
+                                 **stopping(tokenizer, True, min_new_tokens))
         return decode_new(tokenizer, out, batch["input_ids"].shape[1])
 
     results = mapper(length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy",

@@ -121,7 +121,9 @@ def decode_new(tokenizer, out: torch.Tensor, width: int) -> list[str]:
             for row, text, prompt in zip(rows, whole, prompts)]
 
 
-def _stopping(tokenizer, stop_at_eos: bool, min_new_tokens: int) -> dict[str, Any]:
+def stopping(tokenizer, stop_at_eos: bool, min_new_tokens: int) -> dict[str, Any]:
+    """generate()'s stop settings. The tokenizer's EOS, never the model's generation config: alpaca-native's
+    says eos_token_id 1 ("<s>") where its EOS is "</s>" (2), so generation would not stop there."""
     # An explicit None turns the model's own EOS off, as the authors' GenerationConfig (no eos_token_id)
     # did with the transformers of early 2023: beams run to max_new_tokens and text after EOS is kept.
     out: dict[str, Any] = {"eos_token_id": tokenizer.eos_token_id if stop_at_eos else None}
@@ -139,7 +141,7 @@ def sample(model, tokenizer, batch: dict[str, torch.Tensor], *, seed: int, n: in
     torch.manual_seed(seed)
     return model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
                           num_return_sequences=n, max_new_tokens=max_new_tokens, pad_token_id=pad_id(tokenizer),
-                          **_stopping(tokenizer, stop_at_eos, min_new_tokens))
+                          **stopping(tokenizer, stop_at_eos, min_new_tokens))
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], cfg: Any, seed: int) -> list[list[str]]:
@@ -169,7 +171,7 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], cfg: Any, seed: int
         elif cfg.generator == "beam":
             out = model.generate(**batch, do_sample=False, num_beams=cfg.num_beams, num_return_sequences=n,
                                  max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id(tokenizer),
-                                 **_stopping(tokenizer, stop_at_eos, min_new_tokens))
+                                 **stopping(tokenizer, stop_at_eos, min_new_tokens))
         elif cfg.generator in ("top_p", "top_k"):
             nucleus = dict(top_p=cfg.top_p, top_k=0) if cfg.generator == "top_p" else dict(top_k=cfg.top_k)
             out = sample(model, tokenizer, batch, seed=seed, n=n, max_new_tokens=cfg.max_new_tokens,

@@ -83,9 +83,12 @@ class Schedule:
     def prompts_for_steps(self, first: int, count: int) -> list[int]:
         """The prompts this rank trains on at optimiser steps first .. first + count - 1 (each once, sorted)."""
         prompts: set[int] = set()
+        epochs: dict[int, list[list[int]]] = {}  # a refresh of k steps spans one or two epochs
         for step in range(first, first + count):
             epoch, within = divmod(step, self.steps_per_epoch)
-            for batch in self.micro_batches(epoch)[within * self.accumulation:(within + 1) * self.accumulation]:
+            if epoch not in epochs:
+                epochs[epoch] = self.micro_batches(epoch)
+            for batch in epochs[epoch][within * self.accumulation:(within + 1) * self.accumulation]:
                 prompts.update(batch)
         return sorted(prompts)
 

@@ -174,7 +174,7 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
 
     def build(work: Path) -> None:
         from rrhf.data import training_group, write_training_file
-        from rrhf.reward import build_scorer, score_in_shards
+        from rrhf.reward import build_scorer, score_groups, score_in_shards
         from rrhf.sampling import read_candidates
         from rrhf.stats import sample_statistics
 
@@ -183,13 +183,11 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
         groups = [training_group(generated.get(i, []), row, s.dataset_responses, train_on=train_on,
                                  pad_over_group=pad_over_group) for i, row in enumerate(rows)]
         with measured(work):
-            prompts = [row["prompt"] for row, (group, _) in zip(rows, groups) for _ in group]
-            flat = score_in_shards(build_scorer(cfg.reward, where), prompts, [r for g, _ in groups for r in g],
-                                   work, "scores", desc="scoring candidates", crash_stage="score")
-        scores, at = [], 0
-        for group, _ in groups:
-            scores.append(flat[at:at + len(group)])
-            at += len(group)
+            scorer = build_scorer(cfg.reward, where)
+            scores = score_groups(scorer, [row["prompt"] for row in rows], [group for group, _ in groups],
+                                  score=lambda prompts, responses: score_in_shards(
+                                      scorer, prompts, responses, work, "scores", desc="scoring candidates",
+                                      crash_stage="score"))
         write_training_file(work / "train.jsonl", ({"query": row["prompt"], "responses": group, "scores": sc,
                                                     "pad_responses": rest}
                                                    for row, (group, rest), sc in zip(rows, groups, scores)))
@@ -445,10 +443,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     from rrhf.config_checks import check_config, check_launch
     from rrhf.ppo import PPOConfig
 
-    check_config(cfg, ppo=PPOConfig, launch=False)  # the whole config, before any stage loads a model
+    plain = check_config(cfg, ppo=PPOConfig, launch=False)  # the whole config, before any stage loads a model
     _set_threads(cfg)
     hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
-    check_launch(cfg)  # a profile this launch cannot run (FSDP in a plain process), once the files are there
+    check_launch(plain)  # a profile this launch cannot run (FSDP in a plain process), once the files are there
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
     model_path = initial_policy(cfg)

@@ -12,7 +12,7 @@ divide the batches among ranks (`score_in_shards`) and get the same numbers as o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +199,11 @@ def score_in_shards(scorer: Scorer, prompts: Sequence[str], responses: Sequence[
     return [results[i] for i in range(len(texts))]
 
 
-def score_groups(scorer: Scorer, prompts: Sequence[str], groups: Sequence[Sequence[str]]) -> list[list[float]]:
-    """Scores of every prompt's group of responses, from one scorer call over all of them."""
-    flat = scorer.score([p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
+def score_groups(scorer: Scorer, prompts: Sequence[str], groups: Sequence[Sequence[str]], *,
+                 score: Callable[[list[str], list[str]], Sequence[float]] | None = None) -> list[list[float]]:
+    """Scores of every prompt's group of responses, from one call over all of them: `score(prompts, responses)`,
+    the scorer's own `score` unless given (the score stage passes `score_in_shards`)."""
+    flat = (score or scorer.score)([p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
     out, at = [], 0
     for g in groups:
         out.append(list(flat[at:at + len(g)]))

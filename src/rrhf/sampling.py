@@ -14,7 +14,7 @@ from typing import Any
 from rrhf.beam_search import diverse_beam_search
 from rrhf.data import read_jsonl, write_jsonl
 from rrhf.generation import generate_batch
-from rrhf.sharding import map_batches
+from rrhf.sharding import length_sorted_batches, map_batches
 
 __all__ = ["diverse_beam_search", "generation_settings", "read_candidates", "sample_candidates"]
 
@@ -39,8 +39,7 @@ def sample_candidates(model, tokenizer, prompts: list[str], cfg: Any, work: Path
     launch, and a killed job continues after its last complete batch (`rrhf.sharding`). Each batch is
     seeded by its first prompt, so a sampled generator draws the same whoever draws it.
     """
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    batches = length_sorted_batches([len(p) for p in prompts], cfg.batch_size)
     model.eval()
     results = map_batches(work, "candidates", batches,
                           lambda batch: generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from rrhf.artifacts import rank
+from rrhf.launch import rank
 
 _log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ def logged_in() -> bool:
         return netrc.netrc(os.environ.get("NETRC") or None).authenticators(host) is not None
     except (OSError, netrc.NetrcParseError):
         return False
+
+
+def reports_to_wandb(report_to: list[str] | str | None) -> bool:
+    """Whether a trainer's `report_to` (one name, a list of names, or None) includes wandb."""
+    return "wandb" in ([report_to] if isinstance(report_to, str) else list(report_to or []))
 
 
 def fallback_mode() -> str | None:
@@ -63,8 +68,7 @@ def active() -> bool:
 
 
 def _wanted(cfg: Any) -> bool:
-    report_to = cfg.trainer.args.get("report_to") or []
-    return "wandb" in ([report_to] if isinstance(report_to, str) else list(report_to))
+    return reports_to_wandb(cfg.trainer.args.get("report_to"))
 
 
 def start(cfg: Any, run_dir: Path) -> None:
@@ -119,7 +123,7 @@ def trainer_run(report_to: list[str] | str | None, output_dir: Path) -> Iterator
     """Around a Trainer's training: the Trainer's wandb callback logs into the pipeline's open run, or, when
     none is open (training called on its own), opens its own in `output_dir`, closed here so the next
     training of the process starts its own and the folder can move once the stage completes."""
-    wanted = "wandb" in ([report_to] if isinstance(report_to, str) else (report_to or []))
+    wanted = reports_to_wandb(report_to)
     if not wanted or active():
         yield
         return
