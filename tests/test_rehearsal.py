@@ -35,10 +35,8 @@ COMMANDS = [
     ["experiment=imdb"],
     ["experiment=imdb", "sampling=imdb_B", "method=ppo", "method.ppo.target=null", "method.ppo.init_kl_coef=0.0,0.1"],
     ["experiment=alpaca_sft"],
+    ["experiment=techniques_hh"],
 ]
-# experiment=techniques_hh (the pairwise techniques at paper scale) joins once its config exists.
-if (ROOT / "conf" / "experiment" / "techniques_hh.yaml").exists():
-    COMMANDS.append(["experiment=techniques_hh"])
 
 
 def _table(place: Path, number: int) -> list[dict]:
