@@ -43,6 +43,34 @@ def test_failed_stage_leaves_no_finished_folder_and_resumes(tmp_path: Path) -> N
     assert seen == ["kept"] and (folder / "DONE").exists()
 
 
+def test_resume_state_is_kept_for_a_rerun_and_dropped_once_finished(tmp_path: Path) -> None:
+    def crash(work: Path) -> None:
+        (work / "checkpoints").mkdir()
+        (work / "checkpoints" / "optimizer.pt").write_text("moments")
+        raise RuntimeError("killed after a checkpoint")
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "train", {"k": 1}, crash, resume_state="checkpoints")
+    resumed_from = []
+
+    def finish(work: Path) -> None:
+        resumed_from.append((work / "checkpoints" / "optimizer.pt").read_text())
+        (work / "model").mkdir()
+        (work / "model" / "weights").write_text("w")
+
+    folder, built = run_stage(tmp_path, "train", {"k": 1}, finish, resume_state="checkpoints")
+    assert built and resumed_from == ["moments"]
+    assert (folder / "DONE").exists() and (folder / "model" / "weights").read_text() == "w"
+    assert not (folder / "checkpoints").exists()
+
+    # A finished artifact written before resume state was dropped loses it the next time a run asks for it.
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "optimizer.pt").write_text("moments")
+    again, built_again = run_stage(tmp_path, "train", {"k": 1}, finish, resume_state="checkpoints")
+    assert again == folder and not built_again and resumed_from == ["moments"]
+    assert not (folder / "checkpoints").exists() and (folder / "model" / "weights").exists()
+
+
 def _slow_build(root: str, log: str) -> None:
     def build(work: Path) -> None:
         with open(log, "a") as handle:
@@ -70,12 +98,16 @@ def _collective_rank(root: str, rank: int, log: str) -> None:
     def build(work: Path) -> None:
         with open(log, "a") as handle:
             handle.write(f"rank {rank}\n")
+        (work / "checkpoints").mkdir(exist_ok=True)
+        (work / "checkpoints" / f"optimizer-{rank}.pt").write_text("moments")
         if rank == 0:
             time.sleep(0.3)
             (work / "model.txt").write_text("weights")
 
-    folder, _ = run_stage(Path(root), "train", {"k": 1}, build, all_ranks=True)
+    folder, _ = run_stage(Path(root), "train", {"k": 1}, build, all_ranks=True, resume_state="checkpoints")
     assert (folder / "model.txt").read_text() == "weights"
+    if rank == 0:  # rank 0 completes the folder, then drops the resume state
+        assert not (folder / "checkpoints").exists()
 
 
 def test_collective_stage_runs_on_every_rank_and_rank0_finishes_it(tmp_path: Path) -> None:

@@ -70,6 +70,9 @@ def test_rerun_does_no_stage_work(smoke) -> None:
     done = {p: p.stat().st_mtime_ns for p in (tmp / "artifacts").glob("*/*/DONE")}
     # sample, score, train; evaluate: initial, trained, data set chosen and rejected
     assert sorted(p.parent.parent.name for p in done) == ["evaluate"] * 4 + ["sample", "score", "train"]
+    (trained,) = (p.parent for p in done if p.parent.parent.name == "train")
+    # The smoke profile checkpoints every step; once finished, the stage keeps its model, not the resume state.
+    assert (trained / "model").is_dir() and not (trained / "checkpoints").exists()
     again = _run(tmp)
     log = again.stdout + again.stderr
     assert "building" not in log and "cached" in log

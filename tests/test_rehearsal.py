@@ -77,6 +77,9 @@ def test_the_users_command_runs_against_the_stand_ins_offline(stand_in_hub, tmp_
     assert _filled(tmp_path, 6, "Mean") == {"alpaca-DP": "alpaca / hh"}
     assert set(_filled(tmp_path, 2, "Reward")) == {"good_responses", "bad_responses", "alpaca", "alpaca-rrhf-DP"}
     assert set(_filled(tmp_path, 5, "Accuracy")) == {"gptj_rm_static", "alpaca", "alpaca-rrhf-DP"}
+    # Trained on 2 ranks; once the stage is done, rank 0 drops its resume state.
+    (trained,) = (tmp_path / "artifacts" / "train").glob("*/DONE")
+    assert not (trained.parent / "checkpoints").exists()
 
 
 @pytest.mark.rehearsal
@@ -97,6 +100,9 @@ def test_every_paper_experiment_runs_end_to_end_against_the_stand_ins(stand_in_h
     print("rehearsal seconds per command:", json.dumps(timings, indent=1), "total", sum(timings.values()))
     failed = list((tmp_path / "results").rglob("FAILED"))
     assert not failed, failed[0].read_text()[-3000:]
+    finished = [p.parent for p in (tmp_path / "artifacts").glob("*/*/DONE")]
+    assert [p for p in finished if (p / "checkpoints").exists() or (p / "checkpoint").exists()] == []
+    assert any(p.parent.name == "ppo" for p in finished)  # PPO's checkpoint went too
     missing = (tmp_path / "tables" / "missing.txt").read_text()
     gaps = [line for line in missing.splitlines() if line.startswith("Table")]
     # Only the rows no command owns: Table 10's NLPO rows are RL4LMs' numbers (not a harness method).

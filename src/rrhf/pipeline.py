@@ -288,7 +288,8 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
             train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()],
                   online=settings, trust_remote_code=cfg.model.trust_remote_code)
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True)
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True,
+                          resume_state="checkpoints")
     return folder / "model"
 
 
@@ -315,7 +316,7 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
                       PPOConfig(**settings, seed=cfg.seed), where=where,
                       trust_remote_code=cfg.model.trust_remote_code)
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build)
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build, resume_state="checkpoint")
     return folder / "model"
 
 
