@@ -87,34 +87,38 @@ def run_stage(root: Path, stage: str, inputs: dict, build: Callable[[Path], None
     artifact that still has it. AdamW's moments are twice the size of the weights, so a finished 7B training
     would otherwise keep about 84 GB it never reads again, and a sweep of them fills the disk.
     """
-    target = Path(root) / stage / digest(inputs)
-    if (target / "DONE").exists():
-        log.info("%s: cached at %s", stage, target)
-        built = False
-    elif all_ranks and world_size() > 1:
-        built = _run_on_every_rank(target, stage, inputs, build)
-    else:
-        with atomic_dir(target, keep_partial=True) as work:
-            built = work != target  # else finished by a concurrent run while we waited for the lock
-            if built:
-                (work / "inputs.json").write_text(strict_json(inputs, "inputs.json", indent=2, sort_keys=True,
-                                                              default=str))
-                log.info("%s: building %s", stage, target)
-                build(work)
-                clean_shards(work)
+    target, built = _find_or_build(root, stage, inputs, build, all_ranks)
     if resume_state is not None and rank() == 0 and (target / resume_state).exists():
         shutil.rmtree(target / resume_state, ignore_errors=True)  # a concurrent run may be deleting it too
     return target, built
 
 
-def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[Path], None]) -> bool:
+def _find_or_build(root: Path, stage: str, inputs: dict, build: Callable[[Path], None],
+                   all_ranks: bool) -> tuple[Path, bool]:
+    target = Path(root) / stage / digest(inputs)
+    if (target / "DONE").exists():
+        log.info("%s: cached at %s", stage, target)
+        return target, False
+    if all_ranks and world_size() > 1:
+        return _run_on_every_rank(target, stage, inputs, build)
+    with atomic_dir(target, keep_partial=True) as work:
+        if work == target:  # finished by a concurrent run while we waited for the lock
+            return target, False
+        (work / "inputs.json").write_text(strict_json(inputs, "inputs.json", indent=2, sort_keys=True, default=str))
+        log.info("%s: building %s", stage, target)
+        build(work)
+        clean_shards(work)
+    return target, True
+
+
+def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[Path], None]) -> tuple[Path, bool]:
     # Rank r holds lock r until the artifact is whole: a second launch that needs the same artifact waits
     # rank by rank and then finds it finished, instead of joining a build half-way.
     me, world, launch = rank(), world_size(), launch_id()
     work = target.with_name(target.name + ".partial")
     with file_lock(target.with_name(f"{target.name}.rank{me}.lock")):
         if (target / "DONE").exists():
-            return False
+            return target, False
         work.mkdir(parents=True, exist_ok=True)
         log.info("%s: building %s on rank %d of %d", stage, target, me, world)
         try:
@@ -125,7 +129,7 @@ def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[
         (work / f"built-{me}-of-{world}.{launch}").touch()
         if me != 0:
             wait_for(target, ["DONE"], what=f"{stage}: rank 0 to complete {target.name}", work=work)
-            return True
+            return target, True
         wait_for(work, [f"built-{r}-of-{world}.{launch}" for r in range(world)], what=f"{stage}: every rank")
         clean_shards(work)
         for marker in work.glob("built-*"):
@@ -133,7 +137,7 @@ def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[
         (work / "inputs.json").write_text(strict_json(inputs, "inputs.json", indent=2, sort_keys=True, default=str))
         (work / "DONE").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         os.replace(work, target)
-    return True
+    return target, True
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
