@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-test assets run test lint bench clean-artifacts
+.PHONY: setup setup-test assets run test test-slow test-all lint bench clean-artifacts
 
 setup: $(STAMP)
 setup-test: $(TEST_STAMP)
@@ -43,11 +43,25 @@ assets: $(STAMP)
 run: assets
 	$(PY) run.py
 
+# The default tier: every unit and integration test a contributor runs before a commit, on two workers
+# (CONTRIBUTING.md, "Test tiers"). Each worker's torch gets one thread (tests/conftest.py): two workers of
+# two threads on two cores are slower than two of one.
 test: $(TEST_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
+
+# The tiers `make test` leaves out: tests marked slow and the browser test on two workers, then the ones that
+# start several processes of their own (torchrun ranks, SLURM jobs) one at a time, then the Hub-shaped rehearsal.
+test-slow: $(TEST_STAMP)
+	$(PY) -m pytest -q -n 2 -m "(slow or browser) and not distributed and not slurm and not rehearsal"
+	$(PY) -m pytest -q -m "distributed or slurm"
+	$(PY) -m pytest -q -m rehearsal
+
+# Everything: what .ci/run runs (after starting the SLURM controller the slurm tests need).
+test-all: test test-slow
 
 lint: $(TEST_STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: assets
 	$(PY) benchmarks/train_step.py

@@ -22,17 +22,28 @@ class MissingHubItems(CompactHydraException):
     """Hydra prints this exception's message alone, without a traceback (that is in the run's FAILED file)."""
 
 
+class RunFolderRefused(CompactHydraException):
+    """The run folder holds a finished run this launch must not overwrite; Hydra prints the message alone."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from rrhf.hub import HubItemsMissing
-    from rrhf.launch import export_torch_env_from_slurm, rank
-    from rrhf.pipeline import run
+    from rrhf.launch import end_with_launcher, export_torch_env_from_slurm, rank
+
+    end_with_launcher()  # before the slow imports: a rank must not outlive a torchrun killed outright
+    from rrhf.pipeline import RunFolderTaken, check_run_folder, run
 
     # A SLURM job with one task per GPU (hydra/launcher=slurm_gpu): each task becomes one torch rank.
     export_torch_env_from_slurm()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     failed, started = run_dir / "FAILED", run_dir / "STARTED"
+    try:
+        check_run_folder(run_dir)
+    except RunFolderTaken as error:  # no marker: FAILED or STARTED would hide the finished run from the tables
+        print(f"rrhf: {error}", file=sys.stderr, flush=True)
+        raise RunFolderRefused(str(error)) from None
     if rank() == 0:  # removed when the run ends: one left behind marks a run killed (or still running)
         started.write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pid {os.getpid()} on {socket.gethostname()}\n")
     try:
@@ -48,9 +59,10 @@ def main(cfg: DictConfig) -> None:
     failed.unlink(missing_ok=True)
     started.unlink(missing_ok=True)
     if cfg.collate and hydra_cfg.mode.name == "RUN" and rank() == 0:
-        from rrhf.tables import collate
+        from rrhf.tables import collate_after_runs
 
-        collate(Path(cfg.paths.results), Path(cfg.paths.tables))
+        # The run is finished: a problem with the tables is logged as a warning, not this run's failure.
+        collate_after_runs(Path(cfg.paths.results), Path(cfg.paths.tables))
 
 
 if __name__ == "__main__":

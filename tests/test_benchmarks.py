@@ -20,8 +20,16 @@ def _module(name: str):
 def test_authors_variant_matches_the_layouts() -> None:
     bench = _module("train_step")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).eval()
     groups = bench.make_groups(96, queries=2, k=3, seed=0)
     with torch.no_grad():
         authors = bench.token_logprobs(model, groups, "authors")

@@ -26,8 +26,9 @@ def make_tokenizer(add_bos: bool) -> PreTrainedTokenizerFast:
     tok.add_special_tokens(SPECIALS)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def ids(text: str) -> list[int]:
@@ -76,6 +77,7 @@ def test_bad_line_names_file_and_line(tmp_path, line, message):
 
 # ---- tokenisation ------------------------------------------------------------------------------------
 
+
 def test_official_rules_with_a_llama_like_tokenizer():
     tok = make_tokenizer(add_bos=True)
     example = {"query": "a b c", "responses": ["d e f g h", "i"], "scores": [1.0, 2.0]}
@@ -100,8 +102,9 @@ def test_official_budget_of_one_or_less_truncates_nothing(max_len):
 
 def test_official_rules_without_bos():
     tok = make_tokenizer(add_bos=False)
-    out = tokenize_example({"query": "a b", "responses": ["c d"], "scores": [0.0]}, tok, semantics="official",
-                           model_max_length=192)
+    out = tokenize_example(
+        {"query": "a b", "responses": ["c d"], "scores": [0.0]}, tok, semantics="official", model_max_length=192
+    )
     assert out["query_ids"] == ids("a b") and out["responses_ids"] == [ids("c d") + [EOS]]
 
 
@@ -170,8 +173,10 @@ def test_training_group_and_pad_responses_in_the_training_file(tmp_path):
     with pytest.raises(ValueError, match="train_on"):
         training_group(sampled, row, fields, train_on="some")
     path = tmp_path / "train.jsonl"
-    rows = [{"query": "q", "responses": ["c", "r"], "scores": [1.0, 0.0], "pad_responses": sampled},
-            {"query": "q", "responses": ["c"], "scores": [1.0], "pad_responses": []}]
+    rows = [
+        {"query": "q", "responses": ["c", "r"], "scores": [1.0, 0.0], "pad_responses": sampled},
+        {"query": "q", "responses": ["c"], "scores": [1.0], "pad_responses": []},
+    ]
     write_training_file(path, rows)
     assert read_training_file(path) == [rows[0], {"query": "q", "responses": ["c"], "scores": [1.0]}]
     path.write_text(json.dumps({"query": "q", "responses": ["c"], "scores": [1], "pad_responses": [3]}) + "\n")
@@ -180,6 +185,7 @@ def test_training_group_and_pad_responses_in_the_training_file(tmp_path):
 
 
 # ---- the collator ------------------------------------------------------------------------------------
+
 
 def test_dense_ranks():
     assert dense_ranks([0.5, -1.0, 0.5, 3.0]) == [1, 0, 1, 2]

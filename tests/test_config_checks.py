@@ -20,6 +20,7 @@ from rrhf.ppo import PPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "composed_configs.json"
+A_FILE = ROOT / "pyproject.toml"  # a path that is a file, where a folder belongs
 
 
 def _compose(*overrides: str):
@@ -53,8 +54,11 @@ def test_every_composed_config_passes(launched) -> None:
     given = ROOT / "tests" / "fixtures"  # stands in for a user's model folder and training file
     configs = json.loads(FIXTURE.read_text())
     for cfg in configs.values():
-        cfg = json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("hydra")})
-                         .replace("<root>", str(ROOT)).replace("/somewhere/given", str(given)))
+        cfg = json.loads(
+            json.dumps({k: v for k, v in cfg.items() if not k.startswith("hydra")})
+            .replace("<root>", str(ROOT))
+            .replace("/somewhere/given", str(given))
+        )
         if cfg["sampling"].get("train_file"):
             cfg["sampling"]["train_file"] = str(FIXTURE)
         check_config(cfg, ppo=PPOConfig)  # raises with the key on a refusal
@@ -63,8 +67,10 @@ def test_every_composed_config_passes(launched) -> None:
 
 # The values the issue names, and one of each other kind: (overrides, what the message must say).
 BAD = {
-    "learning rate not a number": (["trainer.args.learning_rate=abc"],
-                                   "trainer.args.learning_rate='abc': expected a finite number > 0.0"),
+    "learning rate not a number": (
+        ["trainer.args.learning_rate=abc"],
+        "trainer.args.learning_rate='abc': expected a finite number > 0.0",
+    ),
     "seed not a number": (["seed=abc"], "seed='abc': expected an integer in [0, 2**32)"),
     "negative seed": (["seed=-1"], "seed=-1: expected an integer in [0, 2**32)"),
     "sampling batch of 0": (["sampling.batch_size=0"], "sampling.batch_size=0: expected an integer >= 1"),
@@ -78,24 +84,35 @@ BAD = {
     "no new tokens": (["task.max_new_tokens=0"], "task.max_new_tokens=0"),
     "learning rate NaN": (["trainer.args.learning_rate=nan"], "trainer.args.learning_rate=nan: expected a finite"),
     "max_steps 0": (["trainer.args.max_steps=0"], "trainer.args.max_steps=0: expected -1 or an integer >= 1"),
-    "batch a float": (["trainer.args.per_device_train_batch_size=1.5"],
-                      "trainer.args.per_device_train_batch_size=1.5: expected an integer >= 1"),
-    "unknown trainer argument": (["+trainer.args.learning_rat=0.1"],
-                                 "trainer.args.learning_rat: not a setting of rrhf.trainer.RRHFArguments; did you "
-                                 "mean 'learning_rate'?"),
-    "unknown scheduler": (["trainer.args.lr_scheduler_type=cosin"], "trainer.args.lr_scheduler_type='cosin': "
-                                                                    "expected one of linear, cosine"),
+    "batch a float": (
+        ["trainer.args.per_device_train_batch_size=1.5"],
+        "trainer.args.per_device_train_batch_size=1.5: expected an integer >= 1",
+    ),
+    "unknown trainer argument": (
+        ["+trainer.args.learning_rat=0.1"],
+        "trainer.args.learning_rat: not a setting of rrhf.trainer.RRHFArguments; did you mean 'learning_rate'?",
+    ),
+    "unknown scheduler": (
+        ["trainer.args.lr_scheduler_type=cosin"],
+        "trainer.args.lr_scheduler_type='cosin': expected one of linear, cosine",
+    ),
     "bool for a number": (["trainer.args.weight_decay=true"], "trainer.args.weight_decay=True: expected a finite"),
     "seed inside trainer.args": (["+trainer.args.seed=3"], "trainer.args.seed: set by the pipeline"),
     "two mixed precisions": (["+trainer.args.fp16=true"], "at most one mixed precision"),
-    "method setting": (["method.train_args.rank_weight=-1"],
-                       "method.train_args.rank_weight=-1: expected a finite number >= 0.0"),
+    "method setting": (
+        ["method.train_args.rank_weight=-1"],
+        "method.train_args.rank_weight=-1: expected a finite number >= 0.0",
+    ),
     "method setting unknown": (["+method.train_args.rank_wieght=1"], "method.train_args.rank_wieght: not a setting"),
-    "unknown method": (["method.name=kto"],
-                       "method.name='kto': expected one of rrhf, sft, dpo, simpo, cpo, ppo, best_of_n, none"),
+    "unknown method": (
+        ["method.name=kto"],
+        "method.name='kto': expected one of rrhf, sft, dpo, simpo, cpo, ppo, best_of_n, none",
+    ),
     "best-of-n of 0": (["method=best_of_n", "method.n=0"], "method.n=0: expected an integer >= 1"),
-    "ppo gamma": (["method=ppo", "method.ppo.gamma=2"],
-                  "method.ppo.gamma=2: expected a finite number >= 0.0 and <= 1.0"),
+    "ppo gamma": (
+        ["method=ppo", "method.ppo.gamma=2"],
+        "method.ppo.gamma=2: expected a finite number >= 0.0 and <= 1.0",
+    ),
     "seed inside method.ppo": (["method=ppo", "+method.ppo.seed=3"], "method.ppo.seed: set by the pipeline"),
     "ppo unknown key": (["method=ppo", "+method.ppo.gama=0.9"], "method.ppo.gama: not a setting of rrhf.ppo.PPOConfig"),
     "dtype name": (["dtype=fp8"], "dtype='fp8': expected one of auto, float32, bfloat16, float16"),
@@ -111,9 +128,29 @@ BAD = {
     "remote code a string": (["model.trust_remote_code=yes"], "model.trust_remote_code='yes': expected true or false"),
     "missing model folder": (["model.path=/nonexistent/model"], "model.path='/nonexistent/model': no such folder"),
     "missing judge folder": (["eval.judge=./no/judge"], "eval.judge='./no/judge': no such folder"),
-    "missing training file": (["sampling=file", "sampling.train_file=/nonexistent.jsonl"],
-                              "sampling.train_file='/nonexistent.jsonl': no such file"),
+    "missing training file": (
+        ["sampling=file", "sampling.train_file=/nonexistent.jsonl"],
+        "sampling.train_file='/nonexistent.jsonl': no such file",
+    ),
     "training file not given": (["sampling=file"], "sampling.train_file='???'"),
+    "tables path a file": ([f"paths.tables={A_FILE}"], f"paths.tables='{A_FILE}': is a file, not a folder"),
+    "results path a file": ([f"paths.results={A_FILE}"], f"paths.results='{A_FILE}': is a file, not a folder"),
+    "artifacts under a file": (
+        [f"paths.artifacts={A_FILE}/artifacts"],
+        f"paths.artifacts='{A_FILE}/artifacts': lies under {A_FILE}, a file",
+    ),
+    "RRHF with one sampled candidate": (
+        ["sampling=D", "sampling.num_candidates=1"],
+        "sampling=D: 1 candidate(s) per query (1 generated",
+    ),
+    "RRHF with one candidate in all": (
+        ["sampling.num_candidates=1", "sampling.dataset_responses=[]"],
+        "method=rrhf ranks the candidates of each query, at least 2",
+    ),
+    "RRHF on one data-set response": (
+        ["sampling=P", "sampling.dataset_responses=[chosen]"],
+        "sampling=P: 1 candidate(s) per query (0 generated",
+    ),
 }
 
 
@@ -141,6 +178,19 @@ def test_gpu_profiles_run_on_cpu_ranks_and_are_not_refused(plain_process) -> Non
     check_config(_compose("trainer=ddp"), ppo=PPOConfig)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["sampling=P"],  # the data set's two responses
+        ["sampling.num_candidates=1"],  # one generated, then chosen and rejected
+        ["sampling=D", "sampling.num_candidates=1", "method.train_args.rank_weight=0"],  # no ranking term asked for
+        ["method=sft", "sampling=D", "sampling.num_candidates=1"],  # not RRHF
+    ],
+)
+def test_rrhf_needs_two_candidates_only_where_it_ranks(overrides: list[str], launched) -> None:
+    check_config(_compose(*overrides), ppo=PPOConfig)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_a_cuda_device_is_refused_without_one() -> None:
     assert "device='cuda': this machine has no CUDA device" in _refused("device=cuda")
@@ -150,16 +200,26 @@ def _run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RRHF_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     for key in LAUNCH_VARIABLES:
         env.pop(key, None)
-    cmd = [sys.executable, "run.py", "experiment=smoke", f"paths.artifacts={tmp}/artifacts",
-           f"paths.results={tmp}/results", f"paths.tables={tmp}/tables", *overrides]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=smoke",
+        f"paths.artifacts={tmp}/artifacts",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["task.train_size=-3"], "task.train_size=-3: expected an integer >= 1"),
-    (["trainer.args.learning_rate=abc"], "trainer.args.learning_rate='abc'"),
-    (["trainer=fsdp"], "torchrun --nproc-per-node=N"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["task.train_size=-3"], "task.train_size=-3: expected an integer >= 1"),
+        (["trainer.args.learning_rate=abc"], "trainer.args.learning_rate='abc'"),
+        (["trainer=fsdp"], "torchrun --nproc-per-node=N"),
+    ],
+)
 def test_run_py_refuses_before_any_stage(overrides: list[str], message: str, tmp_path: Path) -> None:
     start = time.monotonic()
     result = _run(tmp_path, *overrides)

@@ -10,8 +10,21 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["task", "model", "sampling", "method", "reward", "eval", "trainer", "experiment", "findings", "techniques",
-          "preset"]
+GROUPS = [
+    "task",
+    "model",
+    "sampling",
+    "method",
+    "reward",
+    "eval",
+    "trainer",
+    "experiment",
+    "findings",
+    "techniques",
+    "preset",
+    "table3_arms",
+    "judge",
+]
 
 
 def _options(group: str) -> list[str]:
@@ -24,14 +37,14 @@ def _compose(overrides: list[str]):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         # Every interpolation must resolve, not only parse (Hydra's own node needs a running job).
-        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True,
-                              throw_on_missing=True)
+        OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True, throw_on_missing=True
+        )
         return cfg
 
 
 # Options that name a user's own file or checkpoint: composing fails until it is given.
-NEEDS_VALUE = {("model", "smollm2_sft"): "model.path",
-               ("sampling", "file"): "sampling.train_file"}
+NEEDS_VALUE = {("model", "smollm2_sft"): "model.path", ("sampling", "file"): "sampling.train_file"}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
@@ -106,8 +119,11 @@ def test_alpaca_sft_is_trlx_sft_hh() -> None:
     assert args.per_device_train_batch_size == 4 and args.gradient_accumulation_steps == 1
     assert args.train_sampling_strategy == "sequential"
     offline = _compose(["method=sft"])  # the embedded default fine-tunes on its own data, for its epochs
-    assert offline.method.source is None and offline.task.name == "imdb_offline" and "max_steps" not in \
-        offline.method.train_args
+    assert (
+        offline.method.source is None
+        and offline.task.name == "imdb_offline"
+        and "max_steps" not in offline.method.train_args
+    )
 
 
 def test_imdb_is_the_rl4lms_task() -> None:

@@ -8,17 +8,31 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+# Several torchrun processes each: `make test-slow` runs them apart from the parallel workers.
+pytestmark = pytest.mark.distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small batches, so that each rank gets several of them; fp32 training for a tight comparison.
-COMMON = ["experiment=smoke", "trainer=ddp", "trainer.args.gradient_accumulation_steps=1", "trainer.args.bf16=false",
-          "trainer.args.max_steps=2", "trainer.args.save_steps=1", "trainer.args.warmup_steps=0",
-          "trainer.args.learning_rate=1e-3", "sampling.batch_size=1", "eval.batch_size=1", "eval.ppl_batch_size=3",
-          "method.train_args.length_penalty=1.0"]
+COMMON = [
+    "experiment=smoke",
+    "trainer=ddp",
+    "trainer.args.gradient_accumulation_steps=1",
+    "trainer.args.bf16=false",
+    "trainer.args.max_steps=2",
+    "trainer.args.save_steps=1",
+    "trainer.args.warmup_steps=0",
+    "trainer.args.learning_rate=1e-3",
+    "sampling.batch_size=1",
+    "eval.batch_size=1",
+    "eval.ppl_batch_size=3",
+    "method.train_args.length_penalty=1.0",
+]
 # Training weights may differ by float rounding only: the gradient is a mean over the same 4 queries, summed
 # in another order (within a rank, then across ranks), and AdamW's first steps move every weight by about the
 # learning rate whatever the gradient's size. Measured on a 2-core x86 CPU: at most 5.6e-7 after 2 steps at
@@ -26,23 +40,43 @@ COMMON = ["experiment=smoke", "trainer=ddp", "trainer.args.gradient_accumulation
 WEIGHT_ATOL = 2e-6
 
 
-def _run(tmp: Path, *overrides: str, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+def _command(tmp: Path, *overrides: str, ranks: int = 1, env: dict | None = None) -> tuple[list[str], dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     cmd = (launcher if ranks > 1 else [sys.executable]) + [
-        "run.py", *COMMON, f"paths.artifacts={tmp}/artifacts", f"paths.results={tmp}/results",
-        f"paths.tables={tmp}/tables", "collate=false", *overrides]
-    full_env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1",
-                "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env or {})}
+        "run.py",
+        *COMMON,
+        f"paths.artifacts={tmp}/artifacts",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+        "collate=false",
+        *overrides,
+    ]
+    full_env = {
+        **os.environ,
+        "RRHF_CACHE": str(tmp.parent / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     for key in ("RRHF_CRASH_AT", "RRHF_CRASH_RANK", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         if key not in (env or {}):
             full_env.pop(key, None)
+    return cmd, full_env
+
+
+def _run(tmp: Path, *overrides: str, ranks: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd, full_env = _command(tmp, *overrides, ranks=ranks, env=env)
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
 
 
 def _stage_files(artifacts: Path, stage: str) -> dict[str, bytes]:
     """Every file of every finished artifact of a stage, by <key>/<name> (costs are timings, not results)."""
-    return {str(p.relative_to(artifacts / stage)): p.read_bytes() for p in (artifacts / stage).glob("*/*")
-            if p.is_file() and (p.parent / "DONE").exists() and p.name not in ("DONE", "cost.json")}
+    return {
+        str(p.relative_to(artifacts / stage)): p.read_bytes()
+        for p in (artifacts / stage).glob("*/*")
+        if p.is_file() and (p.parent / "DONE").exists() and p.name not in ("DONE", "cost.json")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +126,12 @@ def test_two_ranks_train_the_weights_of_one_rank_with_the_same_global_batch(one_
 
 def test_a_rank_killed_mid_sample_resumes_its_shard(one_and_two, tmp_path: Path) -> None:
     one, _ = one_and_two
-    killed = _run(tmp_path, "trainer.args.per_device_train_batch_size=2", ranks=2,
-                  env={"RRHF_CRASH_AT": "sample", "RRHF_CRASH_RANK": "1"})
+    killed = _run(
+        tmp_path,
+        "trainer.args.per_device_train_batch_size=2",
+        ranks=2,
+        env={"RRHF_CRASH_AT": "sample", "RRHF_CRASH_RANK": "1"},
+    )
     assert killed.returncode != 0
     (shard,) = (tmp_path / "artifacts" / "sample").glob("*.partial/candidates.shard-1-of-2.jsonl")
     assert len(shard.read_text().splitlines()) == 1  # rank 1 died after its first batch
@@ -105,13 +143,16 @@ def test_a_rank_killed_mid_sample_resumes_its_shard(one_and_two, tmp_path: Path)
 
 
 def test_online_refreshes_draw_each_ranks_own_coming_prompts(tmp_path: Path) -> None:
-    done = _run(tmp_path, "trainer.args.per_device_train_batch_size=2", "sampling=OP-32+KL", "sampling.refresh_steps=1",
-                ranks=2)
+    done = _run(
+        tmp_path, "trainer.args.per_device_train_batch_size=2", "sampling=OP-32+KL", "sampling.refresh_steps=1", ranks=2
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     (online,) = (tmp_path / "artifacts" / "train").glob("*/online")
     for step in (1,):
-        drawn = [{row["index"] for row in map(json.loads, (online / f"step-{step}.rank{r}-of-2.jsonl").open())}
-                 for r in (0, 1)]
+        drawn = [
+            {row["index"] for row in map(json.loads, (online / f"step-{step}.rank{r}-of-2.jsonl").open())}
+            for r in (0, 1)
+        ]
         # One optimiser step of 2 ranks x 2 queries: each rank re-draws the 2 prompts it trains on next.
         assert [len(d) for d in drawn] == [2, 2] and not drawn[0] & drawn[1]
     metrics = json.loads(next((tmp_path / "results").rglob("metrics.json")).read_text())
@@ -130,3 +171,69 @@ def test_sharded_training_on_two_cpu_ranks_matches_one_rank(one_and_two, profile
     assert a.keys() == b.keys()
     worst = max((a[n] - b[n]).abs().max().item() for n in a)
     assert worst <= WEIGHT_ATOL, f"{profile}: max weight difference {worst:.2e} from one rank"
+
+
+# How long a rank may outlive a launcher killed outright (`rrhf.launch.end_with_launcher`; the README's bound).
+# The kernel ends it at once on Linux; the thread that watches the parent, within a second elsewhere.
+LAUNCHER_BOUND_S = 10.0
+
+
+def _metrics(results: Path) -> dict:
+    """The run's metrics.json without the artifact paths, which name each test's own folder."""
+
+    def strip(node):
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k not in ("artifact", "train_log", "candidates")}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    (path,) = results.rglob("metrics.json")
+    return strip(json.loads(path.read_text()))
+
+
+def _ended(process) -> bool:
+    import psutil
+
+    try:  # a zombie has ended; only its parent's wait is missing
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.distributed
+def test_ranks_end_with_a_killed_launcher_and_a_rerun_resumes(one_and_two, tmp_path: Path) -> None:
+    """SIGKILL on torchrun mid-sample: no rank outlives it by more than LAUNCHER_BOUND_S (they used to sleep for
+    good, holding their stage locks), and a rerun resumes to the metrics of an uninterrupted run."""
+    import psutil
+
+    _, two = one_and_two
+    overrides = ("trainer.args.per_device_train_batch_size=2",)
+    cmd, env = _command(tmp_path, *overrides, ranks=2)
+    shards = tmp_path / "artifacts" / "sample"
+    with open(tmp_path / "killed.log", "w") as out:
+        launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    ranks = []
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.stat().st_size for p in shards.glob("*.partial/candidates.shard-*-of-2.jsonl")):
+            assert launcher.poll() is None, (tmp_path / "killed.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "sampling never started"
+            time.sleep(0.05)
+        ranks = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(ranks) >= 2
+        launcher.kill()
+        launcher.wait()
+        killed = time.monotonic()
+        while not all(_ended(p) for p in ranks) and time.monotonic() - killed < 60:
+            time.sleep(0.05)
+        lived = time.monotonic() - killed
+    finally:  # on the old code the ranks never end: they must not outlive the test either
+        launcher.kill()
+        for process in ranks:
+            if not _ended(process):
+                process.kill()
+    assert lived <= LAUNCHER_BOUND_S, f"the ranks outlived their launcher by {lived:.1f} s"
+    assert not list(shards.glob("*/DONE"))
+    resumed = _run(tmp_path, *overrides, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    assert _metrics(tmp_path / "results") == _metrics(two.parent / "results")

@@ -41,13 +41,16 @@ def _tokenizer(kind: str) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tk_decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     if kind == "llama":
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                       unk_token="<unk>")
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     # GPT-2-like but with no BOS at all, so the EOS fallback is the branch exercised.
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
@@ -57,16 +60,32 @@ def _model(kind: str, tokenizer) -> torch.nn.Module:
     # A wide initialisation makes the random model's predictions far from uniform, so that per-text
     # perplexities differ by much more than the tolerances below.
     if kind == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                             max_position_embeddings=N_POSITIONS, initializer_range=0.5,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.eos_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=N_POSITIONS,
+            initializer_range=0.5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(vocab_size=len(tokenizer), n_positions=N_POSITIONS, n_embd=32, n_layer=2,
-                            n_head=2, initializer_range=0.5, bos_token_id=tokenizer.eos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=N_POSITIONS,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            initializer_range=0.5,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.eos_token_id,
+        )
         model = GPT2LMHeadModel(config)
     return model.eval()
 
@@ -149,8 +168,7 @@ def test_batching_does_not_change_values_or_order(judge, mode):
     _, model, tokenizer = judge
     one = perplexities(TEXTS, model, tokenizer, mode=mode, batch_size=1)
     for batch_size in (2, 3, 8):
-        assert perplexities(TEXTS, model, tokenizer, mode=mode, batch_size=batch_size) == pytest.approx(
-            one, rel=1e-5)
+        assert perplexities(TEXTS, model, tokenizer, mode=mode, batch_size=batch_size) == pytest.approx(one, rel=1e-5)
     reversed_values = perplexities(TEXTS[::-1], model, tokenizer, mode=mode, batch_size=3)
     assert reversed_values[::-1] == pytest.approx(one, rel=1e-5)
 
@@ -160,7 +178,8 @@ def test_perplexities_restore_training_mode_and_reject_unknown_mode(judge):
     model.train()
     try:
         assert perplexities(["a good answer"], model, tokenizer, mode="paper") == pytest.approx(
-            [reference_ppl("a good answer", model.eval(), tokenizer, "paper")], rel=1e-4)
+            [reference_ppl("a good answer", model.eval(), tokenizer, "paper")], rel=1e-4
+        )
         model.train()
         perplexities(["a good answer"], model, tokenizer, mode="paper")
         assert model.training
@@ -181,16 +200,21 @@ def test_stop_cut():
 
 def test_greedy_responses_equal_one_at_a_time(judge):
     _, model, tokenizer = judge
-    prompts = ["the cat sat", "you can use vinegar or baking soda to clean your",
-               "a good answer is short and"]
+    prompts = ["the cat sat", "you can use vinegar or baking soda to clean your", "a good answer is short and"]
     got = greedy_responses(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
     want = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, num_beams=1,
-                                 max_new_tokens=6, pad_token_id=tokenizer.eos_token_id)
-        want.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=6,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        want.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     assert got == want
     assert any(w.strip() for w in want)
 
@@ -202,14 +226,19 @@ def test_greedy_responses_truncate_prompts_on_the_left(judge):
     kept = 8
     if kind == "llama":
         # The tokenizer's left truncation keeps the BOS in front of the last tokens of the prompt.
-        short_ids = ids[:1] + ids[-(kept - 1):]
+        short_ids = ids[:1] + ids[-(kept - 1) :]
     else:
         short_ids = ids[-kept:]
     short = torch.tensor([short_ids])
     with torch.no_grad():
-        out = model.generate(short, attention_mask=torch.ones_like(short), do_sample=False, max_new_tokens=5,
-                             pad_token_id=tokenizer.eos_token_id)
-    want = tokenizer.decode(out[0, short.shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            short,
+            attention_mask=torch.ones_like(short),
+            do_sample=False,
+            max_new_tokens=5,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+    want = tokenizer.decode(out[0, short.shape[1] :], skip_special_tokens=True)
     assert greedy_responses(model, tokenizer, [prompt], max_new_tokens=5, max_prompt_tokens=kept) == [want]
 
 

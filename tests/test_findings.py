@@ -26,10 +26,19 @@ def test_paired_interval_brackets_the_mean_difference_and_is_paired() -> None:
     assert lo < diff < hi and lo < 0 < hi  # pure noise: 0 inside
 
 
-@pytest.mark.parametrize(("direction", "lo", "hi", "expected"), [
-    ("higher", 0.1, 0.5, "holds"), ("higher", -0.1, 0.5, "inconclusive"), ("higher", -0.5, -0.1, "does not hold"),
-    ("lower", -0.5, -0.1, "holds"), ("lower", 0.1, 0.5, "does not hold"), ("lower", -0.1, 0.1, "inconclusive"),
-    ("not_lower", -0.2, 0.1, "holds"), ("not_lower", -0.5, -0.1, "does not hold")])
+@pytest.mark.parametrize(
+    ("direction", "lo", "hi", "expected"),
+    [
+        ("higher", 0.1, 0.5, "holds"),
+        ("higher", -0.1, 0.5, "inconclusive"),
+        ("higher", -0.5, -0.1, "does not hold"),
+        ("lower", -0.5, -0.1, "holds"),
+        ("lower", 0.1, 0.5, "does not hold"),
+        ("lower", -0.1, 0.1, "inconclusive"),
+        ("not_lower", -0.2, 0.1, "holds"),
+        ("not_lower", -0.5, -0.1, "does not hold"),
+    ],
+)
 def test_comparison_verdicts(direction: str, lo: float, hi: float, expected: str) -> None:
     assert comparison_verdict(direction, lo, hi) == expected
 
@@ -54,8 +63,9 @@ def test_paired_interval_over_seeds_and_prompts() -> None:
     assert one[0] == pytest.approx(float((consistent[0] - base[0]).mean()))
 
 
-def _fake_arm(results: Path, name: str, rewards: list[float], ppl: list[float], cost: dict | None,
-              seed: int = 42) -> None:
+def _fake_arm(
+    results: Path, name: str, rewards: list[float], ppl: list[float], cost: dict | None, seed: int = 42
+) -> None:
     run = results / f"findings={name},seed={seed}"
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n      findings: {name}\n")
@@ -76,8 +86,9 @@ def test_findings_table_from_a_sweep_folder(tmp_path: Path) -> None:
     ppl = 10 + rng.random(40)
     _fake_arm(results, "initial", list(base), list(ppl), None)
     _fake_arm(results, "rrhf_dp", list(base + 1.0), list(ppl), {"seconds": 100.0, "peak_rss_mib": 3000.0})
-    _fake_arm(results, "no_rank", list(base + 1.0 + rng.normal(size=40)), list(ppl), {"seconds": 90.0,
-                                                                                       "peak_rss_mib": 3000.0})
+    _fake_arm(
+        results, "no_rank", list(base + 1.0 + rng.normal(size=40)), list(ppl), {"seconds": 90.0, "peak_rss_mib": 3000.0}
+    )
     _fake_arm(results, "ppo", list(base + 2.0), list(ppl), {"seconds": 400.0, "peak_rss_mib": 5000.0})
     files = write_findings(results, tmp_path / "tables")
     assert {f.name for f in files} >= {"findings.md", "findings.csv", "findings.tex"}
@@ -97,6 +108,7 @@ def test_findings_table_from_a_sweep_folder(tmp_path: Path) -> None:
     assert "RRHF (DP) raises the reward over the initial policy" in text and "**holds**" in text
 
 
+@pytest.mark.slow
 def test_findings_sweep_runs_every_arm_through_run_py_on_the_tiny_model(tmp_path: Path) -> None:
     import os
     import subprocess
@@ -106,16 +118,32 @@ def test_findings_sweep_runs_every_arm_through_run_py_on_the_tiny_model(tmp_path
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "run.py", "experiment=findings", "model=tiny", "eval.judge=embedded:tiny",
-           "task.train_size=8", "task.test_size=4", "task.max_new_tokens=8", "sampling.batch_size=4",
-           "trainer.args.max_steps=3", "trainer.args.save_steps=2", "trainer.args.report_to=[]",
-           "findings_scale.op_refresh_steps=1", "findings_scale.ppo_iterations=2", "seed=1",
-           f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
-           f"paths.tables={tmp_path}/tables"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=findings",
+        "model=tiny",
+        "eval.judge=embedded:tiny",
+        "task.train_size=8",
+        "task.test_size=4",
+        "task.max_new_tokens=8",
+        "sampling.batch_size=4",
+        "trainer.args.max_steps=3",
+        "trainer.args.save_steps=2",
+        "trainer.args.report_to=[]",
+        "findings_scale.op_refresh_steps=1",
+        "findings_scale.ppo_iterations=2",
+        "seed=1",
+        f"paths.artifacts={tmp_path}/artifacts",
+        f"paths.results={tmp_path}/results",
+        f"paths.tables={tmp_path}/tables",
+    ]
     result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    runs = {OmegaConf.load(h).hydra.runtime.choices.findings: h.parent.parent
-            for h in (tmp_path / "results" / "findings").rglob(".hydra/hydra.yaml")}
+    runs = {
+        OmegaConf.load(h).hydra.runtime.choices.findings: h.parent.parent
+        for h in (tmp_path / "results" / "findings").rglob(".hydra/hydra.yaml")
+    }
     assert set(runs) == {p.stem for p in (root / "conf" / "findings").glob("*.yaml")}
     assert all((folder / "metrics.json").exists() for folder in runs.values())
     op = json.loads((runs["op_kl"] / "metrics.json").read_text())
@@ -141,13 +169,26 @@ def test_seeds_are_kept_apart_and_the_verdict_covers_them(tmp_path: Path) -> Non
     for seed, shift in ((1, -0.05), (2, -0.04), (3, -0.06)):  # L_rank's removal lowers the reward at every seed
         noise = rng.normal(size=50) * 0.05
         _fake_arm(results, "initial", list(base), ppl, None, seed)
-        _fake_arm(results, "rrhf_dp", list(base + 1.0 + noise), ppl, {"seconds": 100.0 + seed, "peak_rss_mib": 3e3},
-                  seed)
-        _fake_arm(results, "no_rank", list(base + 1.0 + noise + shift + rng.normal(size=50) * 0.05), ppl,
-                  {"seconds": 90.0, "peak_rss_mib": 3e3}, seed)
+        _fake_arm(
+            results, "rrhf_dp", list(base + 1.0 + noise), ppl, {"seconds": 100.0 + seed, "peak_rss_mib": 3e3}, seed
+        )
+        _fake_arm(
+            results,
+            "no_rank",
+            list(base + 1.0 + noise + shift + rng.normal(size=50) * 0.05),
+            ppl,
+            {"seconds": 90.0, "peak_rss_mib": 3e3},
+            seed,
+        )
         # PPO: better than RRHF at one seed, worse at the others, by more than the prompt noise.
-        _fake_arm(results, "ppo", list(base + 1.0 + {1: 0.5, 2: -0.4, 3: -0.3}[seed]), ppl,
-                  {"seconds": 400.0, "peak_rss_mib": 5e3}, seed)
+        _fake_arm(
+            results,
+            "ppo",
+            list(base + 1.0 + {1: 0.5, 2: -0.4, 3: -0.3}[seed]),
+            ppl,
+            {"seconds": 400.0, "peak_rss_mib": 5e3},
+            seed,
+        )
     arms = load_arms(results)
     assert arms["rrhf_dp"].seeds == [1, 2, 3]  # one run per seed, none overwritten
     write_findings(results, tmp_path / "tables")

@@ -34,9 +34,18 @@ def _chain_model(folder: Path) -> None:
     path = {last_a: response[0], last_b: eos, eos: response[0]}
     path |= {a: b for a, b in zip(response, response[1:])} | {response[-1]: eos}
     assert len({last_a, last_b, eos, *response}) == 3 + len(response)  # a chain, no token twice
-    config = LlamaConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=vocab,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+    )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
         model.model.embed_tokens.weight.copy_(torch.eye(vocab))
@@ -60,8 +69,17 @@ def chain(request, tmp_path_factory) -> Path:
 
 def _sampling(**overrides) -> OmegaConf:
     # DP's generator settings (conf/sampling/DP.yaml).
-    cfg = dict(generator="diverse_beam", num_candidates=4, num_beams=4, num_beam_groups=4, diversity_penalty=1.0,
-               max_new_tokens=6, max_prompt_tokens=256, prompt_bos="keep", stop_at_eos=True)
+    cfg = dict(
+        generator="diverse_beam",
+        num_candidates=4,
+        num_beams=4,
+        num_beam_groups=4,
+        diversity_penalty=1.0,
+        max_new_tokens=6,
+        max_prompt_tokens=256,
+        prompt_bos="keep",
+        stop_at_eos=True,
+    )
     return OmegaConf.create(cfg | overrides)
 
 
@@ -83,7 +101,7 @@ def test_decode_new_agrees_with_sentencepiece_itself(chain: Path) -> None:
     response = tokenizer(RESPONSE, add_special_tokens=False).input_ids
     out = torch.tensor([prompt + response + [tokenizer.eos_token_id]])
     whole = sp.decode(prompt[1:] + response)  # what SentencePiece makes of the row, BOS aside
-    assert decode_new(tokenizer, out, len(prompt)) == [whole[len(sp.decode(prompt[1:])):]] == [RESPONSE]
+    assert decode_new(tokenizer, out, len(prompt)) == [whole[len(sp.decode(prompt[1:])) :]] == [RESPONSE]
 
 
 def test_stop_at_eos(chain: Path) -> None:
@@ -92,11 +110,14 @@ def test_stop_at_eos(chain: Path) -> None:
     # authors' GenerationConfig named no EOS) the beams run to max_new_tokens and the text after EOS is kept.
     assert generate_batch(model, tokenizer, [PROMPT_B], _sampling(), seed=0) == [[""] * 4]
     # Seven tokens: B gives EOS + the response + EOS; A the response, EOS, and the response's first word again.
-    assert generate_batch(model, tokenizer, [PROMPT_B, PROMPT_A], _sampling(stop_at_eos=False, max_new_tokens=7),
-                          seed=0) == [[RESPONSE] * 4, [RESPONSE + " The"] * 4]
+    assert generate_batch(
+        model, tokenizer, [PROMPT_B, PROMPT_A], _sampling(stop_at_eos=False, max_new_tokens=7), seed=0
+    ) == [[RESPONSE] * 4, [RESPONSE + " The"] * 4]
     # Beam search (its best beam) and top-k sampling (k = 1: the chain) follow the same switch.
-    for cfg in (_sampling(generator="beam", num_candidates=1, num_beams=2),
-                _sampling(generator="top_k", num_candidates=2, top_k=1, temperature=1.0)):
+    for cfg in (
+        _sampling(generator="beam", num_candidates=1, num_beams=2),
+        _sampling(generator="top_k", num_candidates=2, top_k=1, temperature=1.0),
+    ):
         n = cfg.num_candidates
         assert generate_batch(model, tokenizer, [PROMPT_B], cfg, seed=0) == [[""] * n]
         cfg.stop_at_eos = False

@@ -12,10 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: run the check itself")
 def test_without_cuda_every_gpu_row_says_why_it_is_skipped(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**ENV, "RRHF_CACHE": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "RRHF_CACHE": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = done.stdout.split("\ncheck")[1]
     assert table.count("skipped: no CUDA device") == 4
@@ -23,8 +30,14 @@ def test_without_cuda_every_gpu_row_says_why_it_is_skipped(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_tiny_run_exercises_every_check(tmp_path: Path) -> None:
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**ENV, "RRHF_CACHE": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**ENV, "RRHF_CACHE": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = done.stdout.split("\ncheck")[1].splitlines()[1:]
     results = {line.split("  ")[0]: line for line in rows if line.strip() and not line.endswith("in all")}

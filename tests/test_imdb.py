@@ -33,7 +33,7 @@ def test_rl4lms_prompts_are_the_first_half_of_the_words(fake_hub) -> None:
     assert [r["reference"] for r in rows] == [TRAIN[i] for i in order]
     for row in rows:
         words = row["reference"].split(" ")
-        assert row["prompt"] == " ".join(words[:len(words) // 2])
+        assert row["prompt"] == " ".join(words[: len(words) // 2])
         assert row["prompt"] + row["chosen"] == row["reference"] and row["chosen"].startswith(" ")
         assert row["rejected"] is None
     test = imdb_prefix_rows("imdb", "test", limit=5)  # test_size: the first 5,000 of the shuffled test split
@@ -49,12 +49,14 @@ WORDS = ["<|endoftext|>", "\n\n"] + "the film was a fine great awful plot very l
 @pytest.fixture(scope="module")
 def gpt2():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<|endoftext|>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="removed"),
-                                                 pre_tokenizers.Split("\n\n", behavior="isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", behavior="removed"), pre_tokenizers.Split("\n\n", behavior="isolated")]
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(WORDS), n_positions=8, n_embd=16, n_layer=1, n_head=2,
-                                       bos_token_id=0, eos_token_id=0))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(WORDS), n_positions=8, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
     return model.eval(), tokenizer
 
 

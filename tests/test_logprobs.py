@@ -24,20 +24,39 @@ def make_model(family: str, attn: str = "sdpa") -> torch.nn.Module:
     torch.manual_seed(0)
     special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "llama":
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, **special)
+        config = LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **special,
+        )
     elif family == "gpt2":
         config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, **special)
     elif family == "gptj":
-        config = GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128,
-                            **special)
+        config = GPTJConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, **special)
     else:  # Gemma 3 text with a final-logit soft-cap, to check the model's own head logic is used
-        config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=64,
-                                  final_logit_softcapping=3.0, **special)
+        config = Gemma3TextConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=64,
+            final_logit_softcapping=3.0,
+            **special,
+        )
     config._attn_implementation = attn
-    model_cls = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel, "gptj": GPTJForCausalLM,
-                 "gemma3": Gemma3ForCausalLM}[family]
+    model_cls = {
+        "llama": LlamaForCausalLM,
+        "gpt2": GPT2LMHeadModel,
+        "gptj": GPTJForCausalLM,
+        "gemma3": Gemma3ForCausalLM,
+    }[family]
     return model_cls(config).eval()
 
 
@@ -52,7 +71,7 @@ def reference(model, prompt, responses):
         ids = torch.cat([torch.as_tensor(prompt), response])[None]
         logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
         n = len(prompt)
-        out.append(logp[n - 1:-1].gather(-1, response[:, None]).squeeze(-1))
+        out.append(logp[n - 1 : -1].gather(-1, response[:, None]).squeeze(-1))
     return out
 
 
@@ -118,7 +137,7 @@ def test_several_groups_in_one_batch(layout):
             torch.testing.assert_close(got, exp, atol=1e-5, rtol=0)
             assert lengths[b, i].item() == len(responses[i])
             assert abs(sums[b, i].item() - exp.sum().item()) < 1e-4
-        assert (sums[b, len(responses):] == 0).all() and (lengths[b, len(responses):] == 0).all()
+        assert (sums[b, len(responses) :] == 0).all() and (lengths[b, len(responses) :] == 0).all()
 
 
 def test_shared_refuses_what_it_cannot_do_exactly():

@@ -64,10 +64,26 @@ CASES = [
 @pytest.mark.parametrize("rank_weight,length_penalty", [(1.0, 1.0), (2.5, 0.7)])
 def test_matches_reference(semantics, case, rank_weight, length_penalty):
     logp, lengths, rewards, valid, pad = random_case(**case)
-    out = rrhf_loss(logp, lengths, rewards, semantics=semantics, rank_weight=rank_weight,
-                    length_penalty=length_penalty, pad_lengths=pad, valid=valid)
-    loss, ranks, sfts = reference(logp.tolist(), lengths.tolist(), rewards.tolist(), valid.tolist(),
-                                  pad.tolist(), semantics, rank_weight, length_penalty)
+    out = rrhf_loss(
+        logp,
+        lengths,
+        rewards,
+        semantics=semantics,
+        rank_weight=rank_weight,
+        length_penalty=length_penalty,
+        pad_lengths=pad,
+        valid=valid,
+    )
+    loss, ranks, sfts = reference(
+        logp.tolist(),
+        lengths.tolist(),
+        rewards.tolist(),
+        valid.tolist(),
+        pad.tolist(),
+        semantics,
+        rank_weight,
+        length_penalty,
+    )
     assert isinstance(out, RRHFLossOutput)
     assert out.rank.shape == out.sft.shape == (logp.shape[0],)
     torch.testing.assert_close(out.rank, torch.tensor(ranks, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -98,8 +114,9 @@ def test_gradcheck(semantics):
     start = torch.where(valid, logp, torch.zeros_like(logp)).requires_grad_(True)
 
     def fn(x):
-        out = rrhf_loss(x, lengths, rewards, semantics=semantics, rank_weight=1.5, length_penalty=0.8,
-                        pad_lengths=pad, valid=valid)
+        out = rrhf_loss(
+            x, lengths, rewards, semantics=semantics, rank_weight=1.5, length_penalty=0.8, pad_lengths=pad, valid=valid
+        )
         return out.loss, out.rank, out.sft
 
     assert torch.autograd.gradcheck(fn, (start,), eps=1e-6, atol=1e-6)

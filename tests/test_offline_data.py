@@ -28,8 +28,10 @@ def compound(splits) -> dict[str, list[float]]:
     """VADER compound score of each field, over both splits."""
     analyzer = SentimentIntensityAnalyzer()
     rows = splits["train"] + splits["test"]
-    return {field: [analyzer.polarity_scores(row[field])["compound"] for row in rows]
-            for field in ("prompt", "chosen", "rejected")}
+    return {
+        field: [analyzer.polarity_scores(row[field])["compound"] for row in rows]
+        for field in ("prompt", "chosen", "rejected")
+    }
 
 
 @pytest.mark.parametrize("split", list(MIN_ROWS))

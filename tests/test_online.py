@@ -22,15 +22,28 @@ from rrhf.trainer import RRHFArguments
 from rrhf.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = [{"prompt": "the movie was", "chosen": "very good fun", "rejected": "dull and bad"},
-        {"prompt": "a film with a plot that", "chosen": "is great", "rejected": "is awful"},
-        {"prompt": "acting", "chosen": "was great", "rejected": "was not fun"},
-        {"prompt": "the plot is", "chosen": "good", "rejected": "bad"}]
-SAMPLING = OmegaConf.create({"name": "OP-test", "generator": "diverse_beam",
-                             "dataset_responses": ["chosen", "rejected"], "num_candidates": 2, "num_beams": 2,
-                             "num_beam_groups": 2, "diversity_penalty": 1.0,
-                             "top_p": 1.0, "temperature": 1.0, "max_new_tokens": 5, "max_prompt_tokens": 64,
-                             "batch_size": 2})
+ROWS = [
+    {"prompt": "the movie was", "chosen": "very good fun", "rejected": "dull and bad"},
+    {"prompt": "a film with a plot that", "chosen": "is great", "rejected": "is awful"},
+    {"prompt": "acting", "chosen": "was great", "rejected": "was not fun"},
+    {"prompt": "the plot is", "chosen": "good", "rejected": "bad"},
+]
+SAMPLING = OmegaConf.create(
+    {
+        "name": "OP-test",
+        "generator": "diverse_beam",
+        "dataset_responses": ["chosen", "rejected"],
+        "num_candidates": 2,
+        "num_beams": 2,
+        "num_beam_groups": 2,
+        "diversity_penalty": 1.0,
+        "top_p": 1.0,
+        "temperature": 1.0,
+        "max_new_tokens": 5,
+        "max_prompt_tokens": 64,
+        "batch_size": 2,
+    }
+)
 
 
 class LengthScorer:
@@ -52,7 +65,7 @@ def _sequence_logprob(model, query: list[int], response: list[int]) -> float:
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     targets = ids[0, 1:]
-    return logp[torch.arange(len(targets)), targets][len(query) - 1:].sum().item()
+    return logp[torch.arange(len(targets)), targets][len(query) - 1 :].sum().item()
 
 
 def test_refresh_resamples_keeps_dataset_responses_and_applies_the_kl_term(tiny: str, tmp_path: Path) -> None:
@@ -65,15 +78,25 @@ def test_refresh_resamples_keeps_dataset_responses_and_applies_the_kl_term(tiny:
     reference = AutoModelForCausalLM.from_pretrained(tiny).eval()
     start = [{"query": r["prompt"], "responses": ["x", "y"], "scores": [0.0, 1.0]} for r in ROWS]
     beta = 0.5
-    online = OnlineCandidates(start, ROWS, SAMPLING, LengthScorer(), RRHFCollator(tokenizer), refresh_steps=3,
-                              kl_coef=beta, reference=reference, log_dir=tmp_path / "online")
+    online = OnlineCandidates(
+        start,
+        ROWS,
+        SAMPLING,
+        LengthScorer(),
+        RRHFCollator(tokenizer),
+        refresh_steps=3,
+        kl_coef=beta,
+        reference=reference,
+        log_dir=tmp_path / "online",
+    )
     assert not online.due(0) and not online.due(2) and online.due(3) and online.due(6)
     online.refresh(policy, 3)
 
     expected = []
     for start_at in range(0, len(ROWS), SAMPLING.batch_size):
-        expected += generate_batch(policy.eval(), tokenizer, [r["prompt"] for r in ROWS[start_at:start_at + 2]],
-                                   SAMPLING, seed=0)
+        expected += generate_batch(
+            policy.eval(), tokenizer, [r["prompt"] for r in ROWS[start_at : start_at + 2]], SAMPLING, seed=0
+        )
     for record, row, sampled in zip(online.records, ROWS, expected):
         assert record["responses"] == sampled + [row["chosen"], row["rejected"]]
         t = tokenize_example(record, tokenizer)
@@ -92,8 +115,10 @@ def test_each_step_trains_on_the_candidates_of_the_latest_refresh(tiny: str, tmp
     start = tmp_path / "start.jsonl"
     with open(start, "w") as handle:
         for r in ROWS:
-            handle.write(json.dumps({"query": r["prompt"], "responses": ["initial one", "initial two"],
-                                     "scores": [0.0, 1.0]}) + "\n")
+            handle.write(
+                json.dumps({"query": r["prompt"], "responses": ["initial one", "initial two"], "scores": [0.0, 1.0]})
+                + "\n"
+            )
     seen: list[list[list[str]]] = []
     original = RRHFCollator.__call__
 
@@ -101,9 +126,17 @@ def test_each_step_trains_on_the_candidates_of_the_latest_refresh(tiny: str, tmp
         seen.append([e["responses"] for e in examples])
         return original(self, examples)
 
-    args = RRHFArguments(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, max_steps=3, save_steps=100,
-                         per_device_train_batch_size=4, gradient_accumulation_steps=1, report_to="none",
-                         disable_tqdm=True, seed=0)
+    args = RRHFArguments(
+        output_dir=str(tmp_path / "checkpoints"),
+        use_cpu=True,
+        max_steps=3,
+        save_steps=100,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
     settings = OnlineSettings(rows=ROWS, sampling=SAMPLING, scorer=LengthScorer(), refresh_steps=1)
     RRHFCollator.__call__ = spy
     try:
@@ -112,29 +145,44 @@ def test_each_step_trains_on_the_candidates_of_the_latest_refresh(tiny: str, tmp
         RRHFCollator.__call__ = original
     assert len(seen) == 3 and all(r[:2] == ["initial one", "initial two"] for r in seen[0])
     for step, batch in zip((1, 2), seen[1:]):
-        refreshed = [json.loads(line)["responses"] for line in
-                     (tmp_path / "online" / f"step-{step}.rank0-of-1.jsonl").read_text().splitlines()]
+        refreshed = [
+            json.loads(line)["responses"]
+            for line in (tmp_path / "online" / f"step-{step}.rank0-of-1.jsonl").read_text().splitlines()
+        ]
         assert sorted(map(tuple, batch)) == sorted(map(tuple, refreshed))
 
 
-def _run(tmp: Path, *overrides: str, crash_at: str | None = None,
-         sampling: str = "OP-32+KL") -> subprocess.CompletedProcess:
+def _run(
+    tmp: Path, *overrides: str, crash_at: str | None = None, sampling: str = "OP-32+KL"
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("RRHF_CRASH_AT", None)
     if crash_at:
         env["RRHF_CRASH_AT"] = crash_at
-    cmd = [sys.executable, "run.py", "experiment=smoke", f"sampling={sampling}", "sampling.refresh_steps=2",
-           "trainer.args.max_steps=4", "trainer.args.save_steps=3", f"paths.artifacts={tmp}/artifacts",
-           f"paths.results={tmp}/results", f"paths.tables={tmp}/tables", *overrides]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=smoke",
+        f"sampling={sampling}",
+        "sampling.refresh_steps=2",
+        "trainer.args.max_steps=4",
+        "trainer.args.save_steps=3",
+        f"paths.artifacts={tmp}/artifacts",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _metrics(tmp: Path) -> dict:
     metrics = json.loads(next((tmp / "results").rglob("metrics.json")).read_text())
     return {k: {m: v for m, v in metrics[k].items() if m != "artifact"} for k in ("initial", "final")} | {
-        "refreshes": metrics["iterations"][0]["refreshes"]}
+        "refreshes": metrics["iterations"][0]["refreshes"]
+    }
 
 
+@pytest.mark.slow
 def test_op_run_killed_after_a_checkpoint_resumes_to_the_same_metrics(tmp_path: Path) -> None:
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     whole.mkdir()
@@ -155,6 +203,7 @@ def test_op_run_killed_after_a_checkpoint_resumes_to_the_same_metrics(tmp_path: 
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_table10_op_setting_refreshes_its_top_k_candidates(tmp_path: Path) -> None:
     done = _run(tmp_path, "sampling.refresh_steps=1", "sampling.max_prompt_tokens=32", sampling="imdb_OP-128+KL")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -184,9 +233,17 @@ def test_schedule_knows_which_prompts_each_step_trains_on(tiny: str, tmp_path: P
 
     monkeypatch.setattr(OnlineRRHFTrainer, "training_step", spy)
     # 4 prompts, 1 a micro-batch, 3 micro-batches a step: steps of 3 and 1 prompts alternate over epochs.
-    args = RRHFArguments(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, max_steps=5, save_steps=100,
-                         per_device_train_batch_size=1, gradient_accumulation_steps=3, report_to="none",
-                         disable_tqdm=True, seed=7)
+    args = RRHFArguments(
+        output_dir=str(tmp_path / "checkpoints"),
+        use_cpu=True,
+        max_steps=5,
+        save_steps=100,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=3,
+        report_to="none",
+        disable_tqdm=True,
+        seed=7,
+    )
     settings = OnlineSettings(rows=ROWS, sampling=SAMPLING, scorer=LengthScorer(), refresh_steps=2)
     train(tiny, start, tmp_path, args=args, online=settings)
     schedule = Schedule(len(ROWS), per_device=1, accumulation=3, seed=7)
@@ -194,6 +251,8 @@ def test_schedule_knows_which_prompts_each_step_trains_on(tiny: str, tmp_path: P
     assert [len(trained[s]) for s in range(5)] == [3, 1, 3, 1, 3]
     for step in range(5):
         assert schedule.prompts_for_steps(step, 1) == sorted(trained[step])
-    refreshed = {int(p.name.split(".")[0][5:]): {json.loads(line)["index"] for line in p.open()}
-                 for p in (tmp_path / "online").glob("step-*.jsonl")}
+    refreshed = {
+        int(p.name.split(".")[0][5:]): {json.loads(line)["index"] for line in p.open()}
+        for p in (tmp_path / "online").glob("step-*.jsonl")
+    }
     assert refreshed == {2: trained[2] | trained[3], 4: trained[4]}

@@ -46,10 +46,22 @@ def tiny(tmp_path_factory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("pairwise")
     build_tiny_model(root / "model")
     rows = load_split(default_data_dir(), "train", limit=7)
-    scores = [[1.0, 0.3, -0.2], [-0.1, 0.9, -0.8], [0.0, 0.9, -0.8], [0.5, 0.5, 0.5], [0.2, 0.9, -0.8],
-              [0.3, -0.9, 0.8]]  # the fourth group ties throughout
-    records = [{"query": row["prompt"], "responses": [rows[i + 1]["chosen"][:80], row["chosen"], row["rejected"]],
-                "scores": scores[i]} for i, row in enumerate(rows[:6])]
+    scores = [
+        [1.0, 0.3, -0.2],
+        [-0.1, 0.9, -0.8],
+        [0.0, 0.9, -0.8],
+        [0.5, 0.5, 0.5],
+        [0.2, 0.9, -0.8],
+        [0.3, -0.9, 0.8],
+    ]  # the fourth group ties throughout
+    records = [
+        {
+            "query": row["prompt"],
+            "responses": [rows[i + 1]["chosen"][:80], row["chosen"], row["rejected"]],
+            "scores": scores[i],
+        }
+        for i, row in enumerate(rows[:6])
+    ]
     return root / "model", records
 
 
@@ -68,12 +80,20 @@ def test_pair_rules() -> None:
 
 
 def test_pair_examples_keep_used_responses_and_count_ties() -> None:
-    records = [{"query": "q1", "responses": ["a", "b", "c"], "scores": [0.1, 0.5, 0.3]},
-               {"query": "q2", "responses": ["d", "e"], "scores": [0.2, 0.2]}]
+    records = [
+        {"query": "q1", "responses": ["a", "b", "c"], "scores": [0.1, 0.5, 0.3]},
+        {"query": "q2", "responses": ["d", "e"], "scores": [0.2, 0.2]},
+    ]
     examples, stats = pair_examples(records, "best_worst")
     assert examples == [{"query": "q1", "responses": ["a", "b"], "pairs": [[1, 0]]}]
-    assert stats | {} == {"pairs_rule": "best_worst", "prompts": 2, "prompts_with_pairs": 1, "skipped_ties": 1,
-                          "pairs": 1, "responses_used_per_prompt": 1.0}
+    assert stats | {} == {
+        "pairs_rule": "best_worst",
+        "prompts": 2,
+        "prompts_with_pairs": 1,
+        "skipped_ties": 1,
+        "pairs": 1,
+        "responses_used_per_prompt": 1.0,
+    }
     examples, stats = pair_examples(records, "all")
     assert examples[0]["responses"] == ["a", "b", "c"] and len(examples[0]["pairs"]) == 3
     assert stats["responses_used_per_prompt"] == 1.5 and stats["skipped_ties"] == 1
@@ -82,8 +102,9 @@ def test_pair_examples_keep_used_responses_and_count_ties() -> None:
 def test_losses_on_known_numbers() -> None:
     c, r = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
     lc, lr = torch.tensor([5, 2]), torch.tensor([4, 3])
-    dpo = pairwise_loss("dpo", c, r, lc, lr, beta=0.5, ref_chosen=torch.tensor([-11.0, -4.0]),
-                        ref_rejected=torch.tensor([-11.0, -4.0]))
+    dpo = pairwise_loss(
+        "dpo", c, r, lc, lr, beta=0.5, ref_chosen=torch.tensor([-11.0, -4.0]), ref_rejected=torch.tensor([-11.0, -4.0])
+    )
     margins = torch.tensor([0.5 * (1 + 1), 0.5 * (0 - 1)])
     torch.testing.assert_close(dpo.margin, margins)
     torch.testing.assert_close(dpo.loss, -torch.nn.functional.logsigmoid(margins).mean())
@@ -112,40 +133,61 @@ def _trl_rows(batch: dict) -> list[dict]:
     rows = []
     for g, c, r in batch["pairs"].tolist():
         query, responses = batch["groups"][g]
-        rows.append({"prompt_ids": query.tolist(), "chosen_ids": responses[c].tolist(),
-                     "rejected_ids": responses[r].tolist()})
+        rows.append(
+            {"prompt_ids": query.tolist(), "chosen_ids": responses[c].tolist(), "rejected_ids": responses[r].tolist()}
+        )
     return rows
 
 
 def _trl_loss(loss: str, policy, reference, tokenizer, batch: dict, records: list[dict], out: Path) -> torch.Tensor:
     from datasets import Dataset
 
-    text = Dataset.from_list([{"prompt": r["query"], "chosen": r["responses"][0], "rejected": r["responses"][1]}
-                              for r in records])
+    text = Dataset.from_list(
+        [{"prompt": r["query"], "chosen": r["responses"][0], "rejected": r["responses"][1]} for r in records]
+    )
     common = {"output_dir": str(out), "use_cpu": True, "bf16": False, "report_to": [], "disable_tqdm": True}
     rows = _trl_rows(batch)
     if loss == "dpo":
         from trl import DPOConfig, DPOTrainer
         from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-        trainer = DPOTrainer(model=policy, ref_model=reference, train_dataset=text, processing_class=tokenizer,
-                             args=DPOConfig(beta=SETTINGS["dpo"]["beta"], loss_type=["sigmoid"], **common))
+        trainer = DPOTrainer(
+            model=policy,
+            ref_model=reference,
+            train_dataset=text,
+            processing_class=tokenizer,
+            args=DPOConfig(beta=SETTINGS["dpo"]["beta"], loss_type=["sigmoid"], **common),
+        )
         inputs = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)(rows)
     else:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-        options = ({"loss_type": "simpo", "beta": SETTINGS["simpo"]["beta"], "simpo_gamma": SETTINGS["simpo"]["gamma"],
-                    "cpo_alpha": 0.0} if loss == "simpo" else
-                   {"loss_type": "sigmoid", "beta": SETTINGS["cpo"]["beta"], "cpo_alpha": SETTINGS["cpo"]["alpha"]})
-        trainer = CPOTrainer(model=policy, train_dataset=text, processing_class=tokenizer,
-                             args=CPOConfig(max_length=1024, **options, **common))
+        options = (
+            {
+                "loss_type": "simpo",
+                "beta": SETTINGS["simpo"]["beta"],
+                "simpo_gamma": SETTINGS["simpo"]["gamma"],
+                "cpo_alpha": 0.0,
+            }
+            if loss == "simpo"
+            else {"loss_type": "sigmoid", "beta": SETTINGS["cpo"]["beta"], "cpo_alpha": SETTINGS["cpo"]["alpha"]}
+        )
+        trainer = CPOTrainer(
+            model=policy,
+            train_dataset=text,
+            processing_class=tokenizer,
+            args=CPOConfig(max_length=1024, **options, **common),
+        )
         features = []
         for row in rows:
             feature = {}
             for side in ("chosen", "rejected"):
                 ids = row["prompt_ids"] + row[f"{side}_ids"]
-                feature |= {f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
-                            f"{side}_labels": [-100] * len(row["prompt_ids"]) + row[f"{side}_ids"]}
+                feature |= {
+                    f"{side}_input_ids": ids,
+                    f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [-100] * len(row["prompt_ids"]) + row[f"{side}_ids"],
+                }
             features.append(feature)
         inputs = trainer.data_collator(features)
     return trainer.compute_loss(trainer.model, inputs)
@@ -167,8 +209,15 @@ def test_loss_and_gradient_equal_trl(tiny, tmp_path, loss: str, pairs: str) -> N
     batch = collator(examples)
     assert len(batch["pairs"]) > len(examples) or pairs == "best_worst"  # "all": several pairs share a prompt
 
-    args = PairwiseArguments(output_dir=str(tmp_path / "ours"), loss=loss, **SETTINGS[loss], use_cpu=True, bf16=False,
-                             report_to=[], disable_tqdm=True)
+    args = PairwiseArguments(
+        output_dir=str(tmp_path / "ours"),
+        loss=loss,
+        **SETTINGS[loss],
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        disable_tqdm=True,
+    )
     loss_ours = PairwiseTrainer(model=ours, args=args, processing_class=tokenizer).compute_loss(ours, batch)
     loss_ours.backward()
     loss_theirs = _trl_loss(loss, theirs, copy.deepcopy(reference), tokenizer, batch, records, tmp_path / "trl")
@@ -189,19 +238,40 @@ def test_trl_tokenises_the_text_as_our_collator_does(tiny) -> None:
     model_dir, records = tiny
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, _ = pair_examples(records, "best_worst")
-    text = Dataset.from_list([{"prompt": e["query"], "chosen": e["responses"][c], "rejected": e["responses"][r]}
-                              for e in examples for c, r in e["pairs"]])
+    text = Dataset.from_list(
+        [
+            {"prompt": e["query"], "chosen": e["responses"][c], "rejected": e["responses"][r]}
+            for e in examples
+            for c, r in e["pairs"]
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model), train_dataset=text, processing_class=tokenizer,
-                         args=DPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to=[]))
-    assert [{k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in trainer.train_dataset] \
-        == _trl_rows(PairwiseCollator(tokenizer)(examples))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        train_dataset=text,
+        processing_class=tokenizer,
+        args=DPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to=[]),
+    )
+    assert [
+        {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for row in trainer.train_dataset
+    ] == _trl_rows(PairwiseCollator(tokenizer)(examples))
 
 
 def _args(out: Path, loss: str, **overrides) -> PairwiseArguments:
-    options = {"use_cpu": True, "bf16": False, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
-               "num_train_epochs": 2, "save_steps": 3, "logging_steps": 1, "report_to": [], "disable_tqdm": True,
-               "lr_scheduler_type": "constant", **overrides}
+    options = {
+        "use_cpu": True,
+        "bf16": False,
+        "per_device_train_batch_size": 2,
+        "learning_rate": 1e-3,
+        "num_train_epochs": 2,
+        "save_steps": 3,
+        "logging_steps": 1,
+        "report_to": [],
+        "disable_tqdm": True,
+        "lr_scheduler_type": "constant",
+        **overrides,
+    }
     return PairwiseArguments(output_dir=str(out / "checkpoints"), seed=0, loss=loss, **SETTINGS[loss], **options)
 
 
@@ -275,12 +345,21 @@ def test_arguments_name_the_missing_setting(tmp_path) -> None:
         PairwiseArguments(output_dir=str(tmp_path), loss="dpo", beta=0.1, pairs="best", use_cpu=True)
 
 
+@pytest.mark.slow
 def test_every_method_and_pair_rule_runs_through_run_py(tmp_path) -> None:
     """One sweep: DPO, SimPO and CPO with each pair rule on the smoke settings, sharing sampling and scoring."""
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "run.py", "-m", "experiment=smoke", "method=dpo,simpo,cpo",
-           "method.pairs=best_worst,all,dataset", f"paths.artifacts={tmp_path}/artifacts",
-           f"paths.results={tmp_path}/results", f"paths.tables={tmp_path}/tables"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "experiment=smoke",
+        "method=dpo,simpo,cpo",
+        "method.pairs=best_worst,all,dataset",
+        f"paths.artifacts={tmp_path}/artifacts",
+        f"paths.results={tmp_path}/results",
+        f"paths.tables={tmp_path}/tables",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = list((tmp_path / "results").rglob("metrics.json"))

@@ -12,18 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RRHF_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "run.py", "experiment=smoke", f"paths.artifacts={tmp}/artifacts",
-           f"paths.results={tmp}/results", f"paths.tables={tmp}/tables", *overrides]
+    env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=smoke",
+        f"paths.artifacts={tmp}/artifacts",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+        *overrides,
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
-    tmp = tmp_path_factory.mktemp("smoke")
-    return tmp, _run(tmp)
+def smoke(smoke_run: tuple[Path, subprocess.CompletedProcess]) -> tuple[Path, subprocess.CompletedProcess]:
+    return smoke_run  # built once for this module and test_robustness.py (tests/conftest.py)
 
 
 def test_smoke_run_writes_metrics_and_table(smoke) -> None:
@@ -79,13 +85,69 @@ def test_rerun_does_no_stage_work(smoke) -> None:
     assert {p: p.stat().st_mtime_ns for p in (tmp / "artifacts").glob("*/*/DONE")} == done
 
 
+def test_a_launch_of_another_shape_leaves_the_finished_run_alone(smoke) -> None:
+    """Issue 26 item 6: the run folder records its launch shape, and a launch with another process count is
+    refused at start-up instead of overwriting the metrics."""
+    tmp, _ = smoke
+    folder = tmp / "results" / "smoke"
+    assert json.loads((folder / "launch.json").read_text()) == {"world_size": 1}
+    finished = (folder / "metrics.json").read_bytes()
+    env = {
+        **os.environ,
+        "RRHF_CACHE": str(tmp.parent / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "WORLD_SIZE": "2",
+    }
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=smoke",
+        f"paths.artifacts={tmp}/artifacts",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+    ]
+    other = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "holds a finished run of a 1-process launch" in other.stderr, other.stderr[-3000:]
+    assert (folder / "metrics.json").read_bytes() == finished and not (folder / "FAILED").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_not_failed_by_its_collation(smoke) -> None:
+    """Issue 26 item 5: tables the collation after a run refuses to replace are a warning; the run exits 0."""
+    import pandas as pd
+
+    tmp, _ = smoke
+    folder = tmp / "results" / "smoke"
+    finished = (folder / "metrics.json").read_bytes()
+    # Tables with more filled cells than the results give: the collation after the rerun leaves them alone.
+    fuller = tmp / "fuller"
+    fuller.mkdir()
+    frame = pd.read_csv(tmp / "tables" / "table6.csv")
+    frame[[c for c in frame.columns if c.endswith(" ours")]] = 1.0
+    frame.to_csv(fuller / "table6.csv", index=False)
+    kept = (fuller / "table6.csv").read_bytes()
+    again = _run(tmp, f"paths.tables={fuller}")  # exits 0: the run is finished
+    assert f"the tables in {fuller} were not collated" in again.stdout + again.stderr
+    assert (fuller / "table6.csv").read_bytes() == kept and (folder / "metrics.json").read_bytes() == finished
+
+
+@pytest.mark.slow
 def test_sweep_logging_to_wandb_offline_runs_every_job(tmp_path: Path) -> None:
     # One wandb run per job, named by its overrides in the sweep's group, holding the training curves and the
     # evaluation metrics; each job closes its run, since the next job of the sweep shares the process.
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "run.py", "-m", "experiment=smoke", "seed=1,2", "trainer.args.report_to=[wandb]",
-           f"paths.artifacts={tmp_path}/artifacts", f"paths.results={tmp_path}/results",
-           f"paths.tables={tmp_path}/tables"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "-m",
+        "experiment=smoke",
+        "seed=1,2",
+        "trainer.args.report_to=[wandb]",
+        f"paths.artifacts={tmp_path}/artifacts",
+        f"paths.results={tmp_path}/results",
+        f"paths.tables={tmp_path}/tables",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(list((tmp_path / "results").rglob("metrics.json"))) == 2
@@ -112,11 +174,13 @@ def test_baseline_methods_run_through_run_py(method: str, tmp_path: Path) -> Non
         assert "alpaca-best_of_4,Alpaca,Best-of-4,tiny / imdb_offline" in table2
 
 
+@pytest.mark.slow
 def test_iterated_sampling_trains_each_iteration_from_the_last(tmp_path: Path) -> None:
     _run(tmp_path, "sampling=IP-2", "name=iterate")
     metrics = json.loads((tmp_path / "results" / "iterate" / "sampling=IP-2" / "metrics.json").read_text())
     first, second = metrics["iterations"]
     assert metrics["final"] == second["trained"] and first["trained"] != second["trained"]
+
     def made_from(stage: str) -> list[str]:
         folders = [p for p in (tmp_path / "artifacts" / stage).iterdir() if p.is_dir()]
         return sorted(json.loads((p / "inputs.json").read_text())["model"] for p in folders)
@@ -133,8 +197,10 @@ def test_authors_preset_trains_p_on_dps_padded_group(tmp_path: Path) -> None:
     # other four rows (sampled past EOS) still set the official loss's padded length.
     _run(tmp_path, "preset=authors", "sampling=P", "name=authors")
     metrics = json.loads(next((tmp_path / "results" / "authors").rglob("metrics.json")).read_text())
-    sampled = [json.loads(line) for line in
-               next((tmp_path / "artifacts" / "sample").glob("*/candidates.jsonl")).read_text().splitlines()]
+    sampled = [
+        json.loads(line)
+        for line in next((tmp_path / "artifacts" / "sample").glob("*/candidates.jsonl")).read_text().splitlines()
+    ]
     assert all(len(row["responses"]) == 4 for row in sampled)
     rows = [json.loads(line) for line in Path(metrics["candidates"]).read_text().splitlines()]
     assert all(len(row["responses"]) == 2 and len(row["pad_responses"]) == 4 for row in rows)

@@ -97,8 +97,9 @@ def test_ppo_loss_gradients_and_value_clipping() -> None:
 
     def pg_grad(logprobs: torch.Tensor) -> torch.Tensor:
         logprobs = logprobs.clone().requires_grad_(True)
-        loss, _ = ppo_loss(logprobs, zeros, old, zeros, advantages, zeros, mask, cliprange=0.2, cliprange_value=0.2,
-                           vf_coef=1.0)
+        loss, _ = ppo_loss(
+            logprobs, zeros, old, zeros, advantages, zeros, mask, cliprange=0.2, cliprange_value=0.2, vf_coef=1.0
+        )
         loss.backward()
         return logprobs.grad
 
@@ -112,8 +113,18 @@ def test_ppo_loss_gradients_and_value_clipping() -> None:
 
     def vf_loss(value: float, old_value: float, ret: float) -> float:
         one = torch.ones(1, 1)
-        _, stats = ppo_loss(0 * one, value * one, 0 * one, old_value * one, 0 * one, ret * one, one, cliprange=0.2,
-                            cliprange_value=0.2, vf_coef=1.0)
+        _, stats = ppo_loss(
+            0 * one,
+            value * one,
+            0 * one,
+            old_value * one,
+            0 * one,
+            ret * one,
+            one,
+            cliprange=0.2,
+            cliprange_value=0.2,
+            vf_coef=1.0,
+        )
         return stats["vf_loss"]
 
     # V = 2 moved far from V_old = 0 onto R = 2: clipped to 0.2, whose error (1.8^2) is the larger.
@@ -202,14 +213,23 @@ def test_whiten_counts_the_padding_as_trlx() -> None:
 
 
 def test_freeze_bottom_layers() -> None:
-    config = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        tie_word_embeddings=False,
+    )
     trainable = {}
     for n in (-1, 0, 1):
         model = LlamaForCausalLM(config)
         freeze_bottom_layers(model, n)
-        trainable[n] = {name.split(".")[2] if ".layers." in name else name.split(".")[-2]
-                        for name, p in model.named_parameters() if p.requires_grad}
+        trainable[n] = {
+            name.split(".")[2] if ".layers." in name else name.split(".")[-2]
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
     assert trainable[-1] == {"embed_tokens", "0", "1", "2", "norm", "lm_head"}
     assert trainable[0] == {"norm"}
     assert trainable[1] == {"2", "norm", "lm_head"}
@@ -233,12 +253,22 @@ def word_model(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(SPECIALS)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(SPECIALS + WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(SPECIALS + WORDS),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -254,13 +284,29 @@ def _p_rewarded(folder: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = tokenizer.convert_tokens_to_ids(REWARDED)
     with torch.no_grad():
-        return float(np.mean([model(torch.tensor([tokenizer(p).input_ids])).logits[0, -1].softmax(-1)[ids].sum()
-                              for p in BANDIT_PROMPTS]))
+        return float(
+            np.mean(
+                [
+                    model(torch.tensor([tokenizer(p).input_ids])).logits[0, -1].softmax(-1)[ids].sum()
+                    for p in BANDIT_PROMPTS
+                ]
+            )
+        )
 
 
 def test_bandit_learns_the_rewarded_first_word(word_model: Path, tmp_path: Path) -> None:
-    config = PPOConfig(iterations=4, num_rollouts=32, chunk_size=16, batch_size=4, ppo_epochs=4, max_new_tokens=3,
-                       learning_rate=3e-2, init_kl_coef=0.0, target=None, num_layers_unfrozen=-1)
+    config = PPOConfig(
+        iterations=4,
+        num_rollouts=32,
+        chunk_size=16,
+        batch_size=4,
+        ppo_epochs=4,
+        max_new_tokens=3,
+        learning_rate=3e-2,
+        init_kl_coef=0.0,
+        target=None,
+        num_layers_unfrozen=-1,
+    )
     trained = train_ppo(str(word_model), BANDIT_PROMPTS, None, FirstWordScorer(), tmp_path, config)
     before, after = _p_rewarded(word_model), _p_rewarded(trained)
     assert before < 0.2 and after > before + 0.2, (before, after)
@@ -282,14 +328,28 @@ class LengthScorer:
         return [len(r.split()) / 4 - 0.1 * r.count("the") for r in responses]
 
 
-PROMPTS = ["I rented this film on a whim and", "The plot of this movie is", "Honestly the acting was",
-           "Every scene in the second half"]
+PROMPTS = [
+    "I rented this film on a whim and",
+    "The plot of this movie is",
+    "Honestly the acting was",
+    "Every scene in the second half",
+]
 REFERENCES = ["it was great.", "a mess.", "superb and moving.", "drags on forever."]
 
 
 def _resume_config(iterations: int) -> PPOConfig:
-    return PPOConfig(iterations=iterations, num_rollouts=8, chunk_size=4, batch_size=4, ppo_epochs=2,
-                     max_new_tokens=4, learning_rate=1e-3, num_layers_unfrozen=1, init_kl_coef=0.5, target=0.1)
+    return PPOConfig(
+        iterations=iterations,
+        num_rollouts=8,
+        chunk_size=4,
+        batch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=4,
+        learning_rate=1e-3,
+        num_layers_unfrozen=1,
+        init_kl_coef=0.5,
+        target=0.1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -356,8 +416,18 @@ def test_reward_form(word_model: Path, tmp_path: Path, delta: bool) -> None:
     # RM(prompt + chosen). The reward model sees the prompt decoded from its tokens (no BOS: trlX adds none).
     references = ["good movie", "bad plot is not fun", "great", "the acting was very dull"]
     scorer = RecordingScorer()
-    config = PPOConfig(iterations=1, num_rollouts=4, chunk_size=4, batch_size=4, ppo_epochs=1, max_new_tokens=3,
-                       init_kl_coef=0.0, target=None, num_layers_unfrozen=-1, delta_reward=delta)
+    config = PPOConfig(
+        iterations=1,
+        num_rollouts=4,
+        chunk_size=4,
+        batch_size=4,
+        ppo_epochs=1,
+        max_new_tokens=3,
+        init_kl_coef=0.0,
+        target=None,
+        num_layers_unfrozen=-1,
+        delta_reward=delta,
+    )
     train_ppo(str(word_model), BANDIT_PROMPTS, references, scorer, tmp_path, config)
     (prompts, outputs), *rest = scorer.calls
     assert sorted(prompts) == sorted(BANDIT_PROMPTS)
@@ -366,19 +436,28 @@ def test_reward_form(word_model: Path, tmp_path: Path, delta: bool) -> None:
     if not delta:
         assert rest == [] and row["mean_reward_delta"] == row["mean_score"]
     else:
-        (ref_prompts, ref_outputs), = rest
+        ((ref_prompts, ref_outputs),) = rest
         by_prompt = dict(zip(BANDIT_PROMPTS, references))
         assert ref_outputs == [by_prompt[p] for p in ref_prompts]
         reference_scores = {p: len(r.split()) for p, r in by_prompt.items()}
         assert row["mean_reward_delta"] == pytest.approx(
-            row["mean_score"] - np.mean([reference_scores[p] for p in prompts]))
+            row["mean_score"] - np.mean([reference_scores[p] for p in prompts])
+        )
 
 
 def test_adaptive_controller_moves_once_per_minibatch(word_model: Path, tmp_path: Path) -> None:
     # trlX v0.6.0: after each minibatch's ppo_epochs updates, from the round's k3 estimate (far below the
     # target of 6 here, so the error clips at -0.2): 8 rollouts / 4 = 2 moves in one round.
-    config = PPOConfig(iterations=1, num_rollouts=8, chunk_size=4, batch_size=4, ppo_epochs=3, max_new_tokens=3,
-                       learning_rate=1e-3, num_layers_unfrozen=-1)
+    config = PPOConfig(
+        iterations=1,
+        num_rollouts=8,
+        chunk_size=4,
+        batch_size=4,
+        ppo_epochs=3,
+        max_new_tokens=3,
+        learning_rate=1e-3,
+        num_layers_unfrozen=-1,
+    )
     train_ppo(str(word_model), BANDIT_PROMPTS, None, RecordingScorer(), tmp_path, config)
     row = json.loads((tmp_path / "log_history.json").read_text())[0]
     assert 0 <= row["controller_kl"] < 6.0

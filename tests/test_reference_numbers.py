@@ -17,8 +17,22 @@ SLIDE_LINES = ROOT / "paper_tables" / "slide_lines.yaml"
 SLIDES_NAME = "seed-rrhf-slides.txt"
 TABLES = {2, 3, 5, 6, 7, 10}
 MODELS = {"llama", "alpaca", "alpaca_sft", "gpt2_imdb", None}
-SAMPLINGS = {"BP", "SP", "DP", "D", "P", "IP-1", "IP-2", "IP-3", "OP-32", "OP-32+KL", "OP-128", "OP-128+KL",
-             "B", "none"}
+SAMPLINGS = {
+    "BP",
+    "SP",
+    "DP",
+    "D",
+    "P",
+    "IP-1",
+    "IP-2",
+    "IP-3",
+    "OP-32",
+    "OP-32+KL",
+    "OP-128",
+    "OP-128+KL",
+    "B",
+    "none",
+}
 METHODS = {"rrhf", "ppo", "best_of_n", "sft", "none"}
 
 
@@ -83,6 +97,20 @@ def test_every_value_is_the_printed_cell(reference, slides):
         assert float(printed.rstrip("%")) == entry["value"], (entry, printed)
 
 
+def test_precision_is_the_printed_decimals(reference, slides):
+    # The values are floats (0.990 is kept as 0.99): each column's `precision` says how the slides print it,
+    # and every number of the column is printed with exactly that many decimals.
+    for number, table in reference["tables"].items():
+        assert list(table["precision"]) == table["columns"], number
+        assert re.fullmatch(rf"{re.escape(SLIDES_NAME)}, lines \d+-\d+", table["precision_source"]), number
+    for entry in reference["entries"]:
+        table = reference["tables"][entry["table"]]
+        cells = slide_line(slides, entry["source"]).split("\t")
+        printed = cells[len(table["label_columns"]) + table["columns"].index(entry["column"])].strip().rstrip("%")
+        decimals = len(printed.partition(".")[2])
+        assert decimals == table["precision"][entry["column"]], (entry, printed)
+
+
 def test_headers_and_captions_as_printed(reference, slides):
     for table in reference["tables"].values():
         header = slide_line(slides, table["header_source"]).split("\t")
@@ -98,7 +126,7 @@ def test_no_printed_number_left_out(reference, slides):
     for number, table in reference["tables"].items():
         lines = {e["row"]: e["source"] for e in reference["entries"] if e["table"] == number}
         for row_id in table["rows"]:
-            cells = slide_line(slides, lines[row_id]).split("\t")[len(table["label_columns"]):]
+            cells = slide_line(slides, lines[row_id]).split("\t")[len(table["label_columns"]) :]
             for column, cell in zip(table["columns"], cells, strict=True):
                 if (number, row_id, column) not in have:
                     assert cell.strip() == "-", (number, row_id, column)

@@ -51,6 +51,7 @@ def _filled(place: Path, number: int, column: str) -> dict[str, str]:
     return {r["row"]: r["ours"] for r in _table(place, number) if r["ours"] and r[f"{column} ours"] not in ("", "nan")}
 
 
+@pytest.mark.slow
 def test_the_users_command_runs_against_the_stand_ins_offline(stand_in_hub, tmp_path: Path) -> None:
     """`python run.py -m sampling=DP,BP,P model=alpaca` at the smallest size, one job (sampling=DP): fetched
     first, then run offline on two ranks; the lock pins every repository, the stage keys name the commits
@@ -59,8 +60,13 @@ def test_the_users_command_runs_against_the_stand_ins_offline(stand_in_hub, tmp_
     fetched = fetch(tmp_path, endpoint, "model=alpaca", "sampling=DP")
     lock = yaml.safe_load((tmp_path / "hub.lock.yaml").read_text())
     assert lock["models"]["chavinlo/alpaca-native"] == hub.commit("model", "chavinlo/alpaca-native").sha
-    assert set(lock["models"]) == {"chavinlo/alpaca-native", "gpt2-medium", "Dahoas/gptj-rm-static",
-                                   "EleutherAI/gpt-j-6B", "gpt2"}
+    assert set(lock["models"]) == {
+        "chavinlo/alpaca-native",
+        "gpt2-medium",
+        "Dahoas/gptj-rm-static",
+        "EleutherAI/gpt-j-6B",
+        "gpt2",
+    }
     assert lock["datasets"] == {"Dahoas/rm-static": hub.commit("dataset", "Dahoas/rm-static").sha}
     assert "1 job(s), 6 Hub item(s)" in fetched.stdout
     started = time.time()
@@ -93,9 +99,14 @@ def test_every_paper_experiment_runs_end_to_end_against_the_stand_ins(stand_in_h
         started = time.time()
         run(tmp_path, *command, *SCALE, *RANKS)
         timings[" ".join(command)] = round(time.time() - started)
-    collated = subprocess.run([sys.executable, "-m", "rrhf.tables", str(tmp_path / "results"), "--out",
-                               str(tmp_path / "tables")], cwd=ROOT, env=subprocess_env(tmp_path), capture_output=True,
-                              text=True, timeout=600)
+    collated = subprocess.run(
+        [sys.executable, "-m", "rrhf.tables", str(tmp_path / "results"), "--out", str(tmp_path / "tables")],
+        cwd=ROOT,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert collated.returncode == 0, collated.stderr[-3000:]
     print("rehearsal seconds per command:", json.dumps(timings, indent=1), "total", sum(timings.values()))
     failed = list((tmp_path / "results").rglob("FAILED"))
@@ -114,5 +125,5 @@ def test_every_paper_experiment_runs_end_to_end_against_the_stand_ins(stand_in_h
         initial = json.loads(metrics_file.read_text())["initial"]["artifact"]
         assert json.loads((Path(initial) / "inputs.json").read_text())["policy"] == f"model:{trained}"
     assert set(_filled(tmp_path, 6, "Mean")) == {
-        f"{model}-{s}" for model in ("llama", "alpaca", "alpaca_sft") for s in ("DP", "BP", "P")} | {
-        "alpaca-D", "alpaca-IP-1", "alpaca-IP-2", "alpaca-IP-3", "alpaca-OP-32", "alpaca-OP-32+KL"}
+        f"{model}-{s}" for model in ("llama", "alpaca", "alpaca_sft") for s in ("DP", "BP", "P")
+    } | {"alpaca-D", "alpaca-IP-1", "alpaca-IP-2", "alpaca-IP-3", "alpaca-OP-32", "alpaca-OP-32+KL"}

@@ -35,13 +35,24 @@ def rm_checkpoint(tmp_path: Path) -> tuple[GPTJConfig, Path]:
     """A tiny random GPT-J reward model saved as the authors' hf_ckpt.pt: duplicate `model.*` keys,
     a value head, and the attention buffers older transformers versions stored."""
     torch.manual_seed(0)
-    config = GPTJConfig(vocab_size=len(WORDS) + 1, n_embd=16, n_layer=2, n_head=2, rotary_dim=4, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPTJConfig(
+        vocab_size=len(WORDS) + 1,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        rotary_dim=4,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     backbone, head = GPTJModel(config), torch.nn.Linear(16, 1, bias=False)
     state = {f"transformer.{k}": v for k, v in backbone.state_dict().items()}
     state |= {f"model.transformer.{k}": torch.randn_like(v) for k, v in backbone.state_dict().items()}
-    state |= {"model.lm_head.weight": torch.randn(len(WORDS) + 1, 16), "v_head.weight": head.weight.detach(),
-              "transformer.h.0.attn.bias": torch.ones(1, 1, 64, 64, dtype=torch.bool)}
+    state |= {
+        "model.lm_head.weight": torch.randn(len(WORDS) + 1, 16),
+        "v_head.weight": head.weight.detach(),
+        "transformer.h.0.attn.bias": torch.ones(1, 1, 64, 64, dtype=torch.bool),
+    }
     torch.save(state, tmp_path / "hf_ckpt.pt")
     return config, tmp_path / "hf_ckpt.pt"
 
@@ -57,11 +68,18 @@ def test_gptj_rm_value_at_first_eos(rm_checkpoint) -> None:
     # at a time without padding, the head's value at the single EOS at the end of the text.
     state = torch.load(checkpoint, weights_only=True)
     backbone = GPTJModel(config)
-    backbone.load_state_dict({k[len("transformer."):]: v for k, v in state.items()
-                              if k.startswith("transformer.") and not k.endswith("attn.bias")}, strict=False)
+    backbone.load_state_dict(
+        {
+            k[len("transformer.") :]: v
+            for k, v in state.items()
+            if k.startswith("transformer.") and not k.endswith("attn.bias")
+        },
+        strict=False,
+    )
     for prompt, response, value in zip(prompts, responses, got):
-        ids = tokenizer(f"{prompt} {response}<|endoftext|>".replace("<|endoftext|>", " <|endoftext|>"),
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            f"{prompt} {response}<|endoftext|>".replace("<|endoftext|>", " <|endoftext|>"), return_tensors="pt"
+        ).input_ids
         assert ids[0, -1] == 0
         with torch.no_grad():
             hidden = backbone(input_ids=ids).last_hidden_state[0, -1]
@@ -77,8 +95,9 @@ def test_gptj_rm_rejects_a_foreign_checkpoint(tmp_path: Path, rm_checkpoint) -> 
 
 def test_gptj_rm_truncates_on_the_left(rm_checkpoint) -> None:
     config, checkpoint = rm_checkpoint
-    scorer = GPTJRMScorer(GPTJRewardModel.from_checkpoint(config, str(checkpoint)),
-                          _tokenizer(eos_token="<|endoftext|>"), max_length=6)
+    scorer = GPTJRMScorer(
+        GPTJRewardModel.from_checkpoint(config, str(checkpoint)), _tokenizer(eos_token="<|endoftext|>"), max_length=6
+    )
     long_prompt = " ".join(["a b c d"] * 10)
     # Left truncation keeps the response and its EOS; the value is read there.
     assert scorer.score([long_prompt], ["great"]) == scorer.score(["a b c d"], ["great"])
@@ -97,8 +116,11 @@ def test_gptj_rm_joins_with_its_separator(rm_checkpoint) -> None:
 def test_sequence_classifier_scores_prompt_and_response_as_rl4lms() -> None:
     # RL4LMs' IMDB reward: the classifier reads prompt + generation, joined as they are, cut from the left.
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=len(WORDS) + 2, dim=16, hidden_dim=32, n_layers=1, n_heads=2, num_labels=2, pad_token_id=0))
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=len(WORDS) + 2, dim=16, hidden_dim=32, n_layers=1, n_heads=2, num_labels=2, pad_token_id=0
+        )
+    )
     tokenizer = _tokenizer(pad_token="<|endoftext|>")
     scorer = SequenceClassifierScorer(model, tokenizer, text="prompt+response", max_length=4, truncation_side="left")
     got = scorer.score(["a b c d the film", "the"], [" was great", " plot"])
@@ -110,8 +132,11 @@ def test_sequence_classifier_scores_prompt_and_response_as_rl4lms() -> None:
 
 def test_sequence_classifier_probability_of_the_label() -> None:
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=len(WORDS) + 2, dim=16, hidden_dim=32, n_layers=1, n_heads=2, num_labels=2, pad_token_id=0))
+    model = DistilBertForSequenceClassification(
+        DistilBertConfig(
+            vocab_size=len(WORDS) + 2, dim=16, hidden_dim=32, n_layers=1, n_heads=2, num_labels=2, pad_token_id=0
+        )
+    )
     tokenizer = _tokenizer(pad_token="<|endoftext|>")
     scorer = SequenceClassifierScorer(model, tokenizer, label=1, batch_size=2)
     texts = ["the film was great", "awful", "the plot a b c"]

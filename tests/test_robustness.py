@@ -14,15 +14,23 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(tmp: Path, *overrides: str, crash_at: str | None = None, multirun: bool = False,
-         artifacts: Path | None = None) -> subprocess.CompletedProcess:
+def _run(
+    tmp: Path, *overrides: str, crash_at: str | None = None, multirun: bool = False, artifacts: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     env.pop("RRHF_CRASH_AT", None)
     if crash_at:
         env["RRHF_CRASH_AT"] = crash_at
-    cmd = [sys.executable, "run.py", *(["-m"] if multirun else []), "experiment=smoke",
-           f"paths.artifacts={artifacts or tmp / 'artifacts'}", f"paths.results={tmp}/results",
-           f"paths.tables={tmp}/tables", *overrides]
+    cmd = [
+        sys.executable,
+        "run.py",
+        *(["-m"] if multirun else []),
+        "experiment=smoke",
+        f"paths.artifacts={artifacts or tmp / 'artifacts'}",
+        f"paths.results={tmp}/results",
+        f"paths.tables={tmp}/tables",
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -46,11 +54,8 @@ def _weights(tmp: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("reference")
-    result = _run(tmp)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp
+def reference_run(smoke_run: tuple[Path, subprocess.CompletedProcess]) -> Path:
+    return smoke_run[0]  # the uninterrupted run, shared with test_pipeline_e2e.py (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +83,9 @@ def test_same_config_and_seed_give_identical_metrics(reference: dict, tmp_path: 
 
 
 @pytest.mark.parametrize("stage", ["sample", "score", "train", "evaluate"])
-def test_killed_stage_resumes_to_the_same_metrics(stage: str, reference: dict, reference_run: Path,
-                                                  tmp_path: Path) -> None:
+def test_killed_stage_resumes_to_the_same_metrics(
+    stage: str, reference: dict, reference_run: Path, tmp_path: Path
+) -> None:
     from rrhf.tables import find_runs
 
     killed = _run(tmp_path, crash_at=stage)
@@ -108,13 +114,19 @@ def test_sweep_with_a_failing_job_finishes_the_others_and_lists_the_gap(tmp_path
     assert list((tmp_path / "results" / "gap").glob("*sampling=DP*/metrics.json"))  # ...after the others ran
     failed = next((tmp_path / "results" / "gap").glob("*sampling=file*/FAILED")).read_text()
     assert "bad.jsonl:1" in failed and "2 responses but 1 scores" in failed
-    collate = subprocess.run([sys.executable, "-m", "rrhf.tables", str(tmp_path / "results"), "--out",
-                              str(tmp_path / "tables")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    collate = subprocess.run(
+        [sys.executable, "-m", "rrhf.tables", str(tmp_path / "results"), "--out", str(tmp_path / "tables")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert collate.returncode == 0, collate.stderr
     report = (tmp_path / "tables" / "missing.txt").read_text()
     assert "sampling=file" in report and "2 responses but 1 scores" in report
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_sweep_of_six_runs_is_fast(tmp_path: Path) -> None:
     sweep = ("seed=1,2,3", "sampling=DP,P", "name=six")
     assert _run(tmp_path, *sweep, multirun=True).returncode == 0
@@ -139,17 +151,23 @@ BAD_TRAINING_FILES = {
     "nan score": ('{"query": "q", "responses": ["a", "b"], "scores": [1.0, NaN]}\n', "finite"),
     "infinite score": ('{"query": "q", "responses": ["a", "b"], "scores": [1.0, Infinity]}\n', "finite"),
     "no responses": ('{"query": "q", "responses": [], "scores": []}\n', "bad.jsonl:1: empty 'responses' list"),
-    "empty response": ('{"query": "q", "responses": ["a", " "], "scores": [1.0, 0.0]}\n',
-                       "bad.jsonl:1: empty response at position 1"),
+    "empty response": (
+        '{"query": "q", "responses": ["a", " "], "scores": [1.0, 0.0]}\n',
+        "bad.jsonl:1: empty response at position 1",
+    ),
     "empty file": ("", "bad.jsonl: no training examples"),
     "whitespace only": ("  \n\n \t \n", "bad.jsonl: no training examples"),
     "empty query": ('{"query": " ", "responses": ["a"], "scores": [1.0]}\n', "bad.jsonl:1: empty 'query'"),
-    "not utf-8": (b'{"query": "q", "responses": ["a"], "scores": [1.0]}\n'
-                  + b'{"query": "caf\xe9", "responses": ["a"], "scores": [1.0]}\n',
-                  r"bad.jsonl:2: byte 15 of the line \(0xe9\) is not UTF-8; data files must be UTF-8"),
+    "not utf-8": (
+        b'{"query": "q", "responses": ["a"], "scores": [1.0]}\n'
+        + b'{"query": "caf\xe9", "responses": ["a"], "scores": [1.0]}\n',
+        r"bad.jsonl:2: byte 15 of the line \(0xe9\) is not UTF-8; data files must be UTF-8",
+    ),
     "binary": (bytes(range(256)), r"bad.jsonl:2: byte 118 of the line \(0x80\) is not UTF-8"),
-    "duplicate key": ('{"query": "q", "responses": ["a"], "scores": [1.0], "scores": [2.0]}\n',
-                      "bad.jsonl:1: key 'scores' appears twice"),
+    "duplicate key": (
+        '{"query": "q", "responses": ["a"], "scores": [1.0], "scores": [2.0]}\n',
+        "bad.jsonl:1: key 'scores' appears twice",
+    ),
 }
 
 
@@ -165,8 +183,11 @@ def test_bad_training_file_is_named_and_leaves_nothing(case: str, tmp_path: Path
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(text if isinstance(text, bytes) else text.encode())
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["sampling=file", f"sampling.train_file={bad}",
-                                           f"paths.artifacts={tmp_path / 'artifacts'}"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=["sampling=file", f"sampling.train_file={bad}", f"paths.artifacts={tmp_path / 'artifacts'}"],
+            return_hydra_config=True,
+        )
         HydraConfig.instance().set_config(cfg)
         with pytest.raises(ValueError, match=message) as error:
             score_stage(cfg, "embedded:tiny", None)
@@ -201,8 +222,13 @@ def test_bad_data_line_is_named(tmp_path: Path) -> None:
 
 
 def test_prompt_longer_than_the_context_is_refused(tmp_path: Path) -> None:
-    result = _run(tmp_path, "sampling.max_prompt_tokens=600", "eval.max_prompt_tokens=600",
-                  "task.max_new_tokens=8", f"task.source={_long_prompt_data(tmp_path)}")
+    result = _run(
+        tmp_path,
+        "sampling.max_prompt_tokens=600",
+        "eval.max_prompt_tokens=600",
+        "task.max_new_tokens=8",
+        f"task.source={_long_prompt_data(tmp_path)}",
+    )
     assert result.returncode != 0 and "max_prompt_tokens" in result.stderr and "512" in result.stderr
 
 
@@ -225,8 +251,16 @@ def test_unknown_config_key_and_missing_model_path_are_named(tmp_path: Path) -> 
 def test_remote_code_needs_the_explicit_opt_in(tmp_path: Path) -> None:
     model = tmp_path / "custom"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({
-        "model_type": "rrhf_custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
-                                                  "AutoModelForCausalLM": "modeling_custom.CustomModel"}}))
+    (model / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "rrhf_custom",
+                "auto_map": {
+                    "AutoConfig": "configuration_custom.CustomConfig",
+                    "AutoModelForCausalLM": "modeling_custom.CustomModel",
+                },
+            }
+        )
+    )
     result = _run(tmp_path, f"model.path={model}")
     assert result.returncode != 0 and "model.trust_remote_code=true" in result.stderr, result.stderr[-2000:]

@@ -154,10 +154,20 @@ def test_two_task_job_trains_on_two_ranks(slurm_cluster: None, tmp_path: Path) -
     (gloo on the CPU) that share the stages and train together with DDP; rank 0 writes the metrics."""
     name = f"slurm-ddp-test-{uuid.uuid4().hex[:8]}"
     sweep_dir = REPO / "results" / name
-    cmd = [_python(), "run.py", "-m", "experiment=smoke", "trainer=ddp", "hydra/launcher=slurm_local_ddp",
-           "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
-           "trainer.args.bf16=false", f"name={name}", f"++paths.artifacts={tmp_path / 'artifacts'}",
-           "++collate=false"]
+    cmd = [
+        _python(),
+        "run.py",
+        "-m",
+        "experiment=smoke",
+        "trainer=ddp",
+        "hydra/launcher=slurm_local_ddp",
+        "trainer.args.per_device_train_batch_size=2",
+        "trainer.args.gradient_accumulation_steps=1",
+        "trainer.args.bf16=false",
+        f"name={name}",
+        f"++paths.artifacts={tmp_path / 'artifacts'}",
+        "++collate=false",
+    ]
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)

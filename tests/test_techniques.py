@@ -74,16 +74,31 @@ def test_paper_scale_composition() -> None:
     assert cfg.hydra.sweeper.params.seed == "1,2,3" and "techniques" in cfg.hydra.callbacks
 
 
+@pytest.mark.slow
 def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
     """The whole experiment, two seeds: every stage before training is shared by the seeds and the arms."""
     env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, "run.py", "experiment=techniques", "model=tiny", "eval.judge=embedded:tiny",
-           "task.train_size=8", "task.test_size=4", "task.max_new_tokens=8", "sampling.batch_size=4",
-           "trainer.args.max_steps=2", "trainer.args.save_steps=2", "trainer.args.report_to=[]",
-           # One PPO round of 16 rollouts (`++`: only the PPO arm's method has the key).
-           "findings_scale.ppo_iterations=1", "++method.ppo.num_rollouts=16", "seed=1,2",
-           f"paths.artifacts={tmp_path}/artifacts",
-           f"paths.results={tmp_path}/results", f"paths.tables={tmp_path}/tables"]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=techniques",
+        "model=tiny",
+        "eval.judge=embedded:tiny",
+        "task.train_size=8",
+        "task.test_size=4",
+        "task.max_new_tokens=8",
+        "sampling.batch_size=4",
+        "trainer.args.max_steps=2",
+        "trainer.args.save_steps=2",
+        "trainer.args.report_to=[]",
+        # One PPO round of 16 rollouts (`++`: only the PPO arm's method has the key).
+        "findings_scale.ppo_iterations=1",
+        "++method.ppo.num_rollouts=16",
+        "seed=1,2",
+        f"paths.artifacts={tmp_path}/artifacts",
+        f"paths.results={tmp_path}/results",
+        f"paths.tables={tmp_path}/tables",
+    ]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     artifacts = tmp_path / "artifacts"
@@ -113,8 +128,20 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
     for run in load_arms(tmp_path / "results" / "techniques", "techniques")["dpo"].runs:
         assert Path(run.metrics["train_log"]).parent.joinpath("reference_logprobs.jsonl").exists()
     # `python -m rrhf.techniques <sweep>` rewrites the same table from the finished runs.
-    again = subprocess.run([sys.executable, "-m", "rrhf.techniques", str(tmp_path / "results" / "techniques"),
-                            "--out", str(tmp_path / "again")], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=120)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rrhf.techniques",
+            str(tmp_path / "results" / "techniques"),
+            "--out",
+            str(tmp_path / "again"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert (tmp_path / "again" / "techniques.csv").read_text() == (tmp_path / "tables" / "techniques.csv").read_text()

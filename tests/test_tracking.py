@@ -38,8 +38,9 @@ def test_scalars_flatten_and_drop_what_is_not_a_number() -> None:
 
 
 def test_a_pipeline_run_is_one_wandb_run(no_login: Path, tmp_path: Path) -> None:
-    cfg = OmegaConf.create({"name": "sweep", "seed": 1, "method": {"name": "rrhf"},
-                            "trainer": {"args": {"report_to": ["wandb"]}}})
+    cfg = OmegaConf.create(
+        {"name": "sweep", "seed": 1, "method": {"name": "rrhf"}, "trainer": {"args": {"report_to": ["wandb"]}}}
+    )
     run_dir = tmp_path / "results" / "sweep" / "sampling=BP,seed=1"
     tracking.start(cfg, run_dir)  # no mode, no login: offline
     try:
@@ -50,8 +51,9 @@ def test_a_pipeline_run_is_one_wandb_run(no_login: Path, tmp_path: Path) -> None
         with tracking.trainer_run(["wandb"], tmp_path / "train"):  # the Trainer logs into the open run
             assert tracking.active()
         assert tracking.active()  # ... and leaves it open
-        tracking.finish({"initial": {"reward": 0.1, "artifact": "x"}, "final": {"reward": 0.5},
-                         "samples": {"all": {"mean": -0.5}}})
+        tracking.finish(
+            {"initial": {"reward": 0.1, "artifact": "x"}, "final": {"reward": 0.5}, "samples": {"all": {"mean": -0.5}}}
+        )
     finally:
         if tracking.active():
             wandb.finish()

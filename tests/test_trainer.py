@@ -39,14 +39,24 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(SPECIALS)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     model_dir = root / "model"
     tokenizer.save_pretrained(model_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=3, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(model_dir)
     rng = random.Random(0)
     train_file = root / "train.jsonl"
@@ -179,13 +189,27 @@ def test_sft_objective_is_trlx_next_token_loss_over_prompt_and_response(assets, 
 
     model_dir, _ = assets
     rng = random.Random(1)
-    rows = [{"query": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))),
-             "responses": [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))], "scores": [1.0]}
-            for _ in range(8)]
+    rows = [
+        {
+            "query": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 7))),
+            "responses": [" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))],
+            "scores": [1.0],
+        }
+        for _ in range(8)
+    ]
     train_file = tmp_path / "sft.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = cpu_args(tmp_path, objective="lm", model_max_length=6, bf16=False, max_steps=1, learning_rate=1e-6,
-                    per_device_train_batch_size=4, train_sampling_strategy="sequential", logging_steps=1)
+    args = cpu_args(
+        tmp_path,
+        objective="lm",
+        model_max_length=6,
+        bf16=False,
+        max_steps=1,
+        learning_rate=1e-6,
+        per_device_train_batch_size=4,
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+    )
     train(model_dir, train_file, tmp_path, args=args)
     logged = json.loads((tmp_path / "log_history.json").read_text())[0]["loss"]
 
@@ -214,8 +238,9 @@ def test_authors_pad_token_in_training(assets, tmp_path):
     tokenizer.pad_token = None
     tokenizer.save_pretrained(no_pad)
     AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(no_pad)
-    saved = train(no_pad, train_file, tmp_path / "out", args=cpu_args(tmp_path / "out", max_steps=1,
-                                                                     add_pad_token=True))
+    saved = train(
+        no_pad, train_file, tmp_path / "out", args=cpu_args(tmp_path / "out", max_steps=1, add_pad_token=True)
+    )
     assert AutoTokenizer.from_pretrained(saved).pad_token == "[PAD]"
     assert AutoModelForCausalLM.from_pretrained(saved).get_input_embeddings().weight.shape[0] == len(tokenizer) + 1
 
@@ -238,8 +263,14 @@ def free_port() -> int:
 # ~10 s, ~35 s on a fresh machine (DeepSpeed builds its CPU comm op once): cheap enough for every run.
 def test_deepspeed_zero2_single_cpu_process_matches_plain_training(assets, tmp_path):
     model_dir, train_file = assets
-    options = dict(bf16=False, num_train_epochs=1, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                   learning_rate=1e-3, save_steps=1000)
+    options = dict(
+        bf16=False,
+        num_train_epochs=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        save_steps=1000,
+    )
     plain = train(model_dir, train_file, tmp_path / "plain", args=cpu_args(tmp_path / "plain", **options))
 
     script = textwrap.dedent(f"""
@@ -252,11 +283,24 @@ def test_deepspeed_zero2_single_cpu_process_matches_plain_training(assets, tmp_p
         train({str(model_dir)!r}, {str(train_file)!r}, out,
               args=RRHFArguments(output_dir=out + "/checkpoints", seed=0, **args))
     """)
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WANDB_MODE": "disabled",
+    }
     profile = trainer_profile("deepspeed_zero2")["args"]
-    done = subprocess.run([sys.executable, "-c", script, json.dumps(options), json.dumps(profile)], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(options), json.dumps(profile)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = load_file(plain / "model.safetensors"), load_file(tmp_path / "ds" / "model" / "model.safetensors")
     for name in a:

@@ -9,6 +9,12 @@ from omegaconf import OmegaConf
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
+class ConfigError(ValueError):
+    """A config value or settings file that cannot run: the message names the key (or the file and line), the
+    value and what is allowed. Here rather than in `rrhf.config_checks`, since pieces below the config checks
+    (the Hub lock file in `rrhf.hub`) raise it too."""
+
+
 def dirname_safe(text: object) -> str:
     """One folder name for a run's `name` or its overrides, never two texts in one folder, never outside.
 

@@ -68,8 +68,11 @@ class Arm:
         None when some seed recorded none."""
         out = []
         for run in self.runs:
-            found = [c[measure] for name, c in run.stages.items()
-                     if (stages is None or name in stages) and c.get(measure) is not None]
+            found = [
+                c[measure]
+                for name, c in run.stages.items()
+                if (stages is None or name in stages) and c.get(measure) is not None
+            ]
             if not found:
                 return None
             out.append(sum(found) if measure == "seconds" else max(found))
@@ -92,9 +95,16 @@ def load_arms(results: str | Path, group: str) -> dict[str, Arm]:
         metrics = json.loads((folder / "metrics.json").read_text())
         rows = read_jsonl(Path(metrics["final"]["artifact"]) / "responses.jsonl")
         timing = json.loads((folder / "timing.json").read_text()) if (folder / "timing.json").exists() else {}
-        run = Run(name, int(config.seed), folder, config, metrics,
-                  {m: np.array([r.get(f, np.nan) for r in rows], dtype=float) for m, f in METRICS.items()},
-                  [r["prompt"] for r in rows], {k: v for k, v in (timing.get("stages") or {}).items() if v})
+        run = Run(
+            name,
+            int(config.seed),
+            folder,
+            config,
+            metrics,
+            {m: np.array([r.get(f, np.nan) for r in rows], dtype=float) for m, f in METRICS.items()},
+            [r["prompt"] for r in rows],
+            {k: v for k, v in (timing.get("stages") or {}).items() if v},
+        )
         arm = arms.setdefault(name, Arm(name))
         twin = next((r for r in arm.runs if r.seed == run.seed), None)
         if twin is not None:
@@ -118,8 +128,14 @@ def compare(a: Arm, b: Arm, metric: str) -> dict[str, Any] | None:
         return None
     va, vb = a.values(metric, seeds), b.values(metric, seeds)
     diff, lo, hi = paired_interval(va, vb)
-    return {"a": float(va.mean()), "b": float(vb.mean()), "difference": diff, "ci_low": lo, "ci_high": hi,
-            "seeds": len(seeds)}
+    return {
+        "a": float(va.mean()),
+        "b": float(vb.mean()),
+        "difference": diff,
+        "ci_low": lo,
+        "ci_high": hi,
+        "seeds": len(seeds),
+    }
 
 
 def spread(values: np.ndarray | list[float]) -> float:
@@ -136,8 +152,7 @@ def write_files(out: Path, files: dict[str, str]) -> list[Path]:
     return [out / name for name in files]
 
 
-def table_main(argv: list[str] | None, *, doc: str, experiment: str,
-               write: Callable[[Path, Path], list[Path]]) -> None:
+def table_main(argv: list[str] | None, *, doc: str, experiment: str, write: Callable[[Path, Path], list[Path]]) -> None:
     """`python -m rrhf.<experiment> <sweep folder> [--out DIR]`: rewrite a sweep's table from its finished runs."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, help=f"the sweep folder of experiment={experiment}")

@@ -4,12 +4,12 @@ Every stage writes into `<root>/<stage>/<key>/`, where the key is a hash of exac
 determine the artifact. Work happens in `<key>.partial/` (kept across crashes, so a stage may resume
 from what it finished), a `DONE` marker is written last, and the folder is renamed into place: a
 folder without `DONE` is never taken for a finished one. A file lock serialises two runs that need the
-same artifact at the same time; the second one finds it finished and skips.
+same artifact at the same time; the second one finds it finished and skips (`rrhf.locks`: the waiter says who
+holds the lock, and gives up after a time limit).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,8 +23,9 @@ from typing import Any
 
 from rrhf.data import strict_json
 from rrhf.launch import launch_id, rank, world_size
+from rrhf.locks import file_lock
 from rrhf.sharding import clean as clean_shards
-from rrhf.sharding import mark_failed, wait_for
+from rrhf.sharding import mark_failed, rank_lock, wait_for
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,6 @@ def digest(inputs: Any) -> str:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
 def atomic_dir(target: Path, *, keep_partial: bool = False) -> Iterator[Path]:
     """Yield a work folder that becomes `target` (with a DONE marker) only if the block completes.
 
@@ -54,7 +44,7 @@ def atomic_dir(target: Path, *, keep_partial: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     work = target.with_name(target.name + ".partial")
-    with file_lock(target.with_name(target.name + ".lock")):
+    with file_lock(target.with_name(target.name + ".lock"), what=f"{target.parent.name} {target.name}"):
         if (target / "DONE").exists():
             yield target
             return
@@ -73,8 +63,15 @@ def atomic_dir(target: Path, *, keep_partial: bool = False) -> Iterator[Path]:
         os.replace(work, target)
 
 
-def run_stage(root: Path, stage: str, inputs: dict, build: Callable[[Path], None], *,
-              all_ranks: bool = False, resume_state: str | None = None) -> tuple[Path, bool]:
+def run_stage(
+    root: Path,
+    stage: str,
+    inputs: dict,
+    build: Callable[[Path], None],
+    *,
+    all_ranks: bool = False,
+    resume_state: str | None = None,
+) -> tuple[Path, bool]:
     """Return the finished artifact folder of `stage` for `inputs`, building it with `build(work)` if needed.
 
     The second value says whether work was done. `build` may find files of an interrupted earlier attempt in
@@ -93,8 +90,9 @@ def run_stage(root: Path, stage: str, inputs: dict, build: Callable[[Path], None
     return target, built
 
 
-def _find_or_build(root: Path, stage: str, inputs: dict, build: Callable[[Path], None],
-                   all_ranks: bool) -> tuple[Path, bool]:
+def _find_or_build(
+    root: Path, stage: str, inputs: dict, build: Callable[[Path], None], all_ranks: bool
+) -> tuple[Path, bool]:
     target = Path(root) / stage / digest(inputs)
     if (target / "DONE").exists():
         log.info("%s: cached at %s", stage, target)
@@ -116,7 +114,7 @@ def _run_on_every_rank(target: Path, stage: str, inputs: dict, build: Callable[[
     # rank by rank and then finds it finished, instead of joining a build half-way.
     me, world, launch = rank(), world_size(), launch_id()
     work = target.with_name(target.name + ".partial")
-    with file_lock(target.with_name(f"{target.name}.rank{me}.lock")):
+    with file_lock(rank_lock(work, me), what=f"{stage} {target.name} (rank {me})"):
         if (target / "DONE").exists():
             return target, False
         work.mkdir(parents=True, exist_ok=True)

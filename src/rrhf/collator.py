@@ -28,8 +28,15 @@ from rrhf.generation import prompt_ids
 from rrhf.loss import SEMANTICS
 
 
-def tokenize_example(example: dict[str, Any], tokenizer, *, semantics: str = "paper", model_max_length: int = 192,
-                     max_prompt_tokens: int = 256, max_response_tokens: int = 128) -> dict[str, Any]:
+def tokenize_example(
+    example: dict[str, Any],
+    tokenizer,
+    *,
+    semantics: str = "paper",
+    model_max_length: int = 192,
+    max_prompt_tokens: int = 256,
+    max_response_tokens: int = 128,
+) -> dict[str, Any]:
     """Token ids of one example: {query_ids, responses_ids, scores, pad_length} (see the module docstring).
 
     `model_max_length` is the official budget (query + response); `max_prompt_tokens` and
@@ -48,10 +55,15 @@ def tokenize_example(example: dict[str, Any], tokenizer, *, semantics: str = "pa
             responses = [r[:budget] for r in responses]
     else:
         query = prompt_ids(tokenizer, example["query"], max_prompt_tokens)
-        responses = [_ids(tokenizer, r, add_special_tokens=False)[:max_response_tokens] + [tokenizer.eos_token_id]
-                     for r in texts]
-    return {"query_ids": query, "responses_ids": responses[:len(example["responses"])],
-            "scores": list(example["scores"]), "pad_length": max(len(query) + len(r) for r in responses)}
+        responses = [
+            _ids(tokenizer, r, add_special_tokens=False)[:max_response_tokens] + [tokenizer.eos_token_id] for r in texts
+        ]
+    return {
+        "query_ids": query,
+        "responses_ids": responses[: len(example["responses"])],
+        "scores": list(example["scores"]),
+        "pad_length": max(len(query) + len(r) for r in responses),
+    }
 
 
 def _ids(tokenizer, text: str, **kwargs) -> list[int]:
@@ -73,12 +85,22 @@ class RRHFCollator:
     distinct rewards into ties.
     """
 
-    def __init__(self, tokenizer, *, semantics: str = "paper", model_max_length: int = 192,
-                 max_prompt_tokens: int = 256, max_response_tokens: int = 128) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        semantics: str = "paper",
+        model_max_length: int = 192,
+        max_prompt_tokens: int = 256,
+        max_response_tokens: int = 128,
+    ) -> None:
         self.tokenizer = tokenizer
         self.semantics = semantics
-        self.limits = {"model_max_length": model_max_length, "max_prompt_tokens": max_prompt_tokens,
-                       "max_response_tokens": max_response_tokens}
+        self.limits = {
+            "model_max_length": model_max_length,
+            "max_prompt_tokens": max_prompt_tokens,
+            "max_response_tokens": max_response_tokens,
+        }
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """Collate a list of {query, responses, scores} examples."""
@@ -91,8 +113,12 @@ class RRHFCollator:
             k = len(t["responses_ids"])
             ranks[b, :k] = torch.tensor(dense_ranks(t["scores"]))
             valid[b, :k] = True
-            groups.append((torch.tensor(t["query_ids"], dtype=torch.long),
-                           [torch.tensor(r, dtype=torch.long) for r in t["responses_ids"]]))
+            groups.append(
+                (
+                    torch.tensor(t["query_ids"], dtype=torch.long),
+                    [torch.tensor(r, dtype=torch.long) for r in t["responses_ids"]],
+                )
+            )
         pad_lengths = torch.tensor([t["pad_length"] for t in tokenized], dtype=torch.long)
         return {"groups": groups, "reward_ranks": ranks, "valid": valid, "pad_lengths": pad_lengths}
 
@@ -113,13 +139,15 @@ class LMCollator:
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Collate {query, responses, ...} examples into input_ids, attention_mask and labels."""
-        rows = [_ids(self.tokenizer, e["query"] + e["responses"][0], add_special_tokens=False)[-self.max_length:]
-                for e in examples]
+        rows = [
+            _ids(self.tokenizer, e["query"] + e["responses"][0], add_special_tokens=False)[-self.max_length :]
+            for e in examples
+        ]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
         for b, row in enumerate(rows):
-            input_ids[b, :len(row)] = labels[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, :len(row)] = 1
+            input_ids[b, : len(row)] = labels[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

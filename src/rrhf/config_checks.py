@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from rrhf import PROJECT_ROOT
+from rrhf import PROJECT_ROOT, ConfigError
 from rrhf.data import IMDB_RULES, TRAIN_ON
 from rrhf.generation import PROMPT_BOS
 from rrhf.logprobs import LAYOUTS
@@ -52,10 +53,6 @@ SET_BY_THE_PIPELINE = {"output_dir": "the stage's folder", "seed": "the top-leve
 ABSENT = object()
 
 
-class ConfigError(ValueError):
-    """A config value that cannot run: the message names the key, the value and what is allowed."""
-
-
 @dataclass(frozen=True)
 class Rule:
     allowed: str  # what is allowed, in words
@@ -73,12 +70,22 @@ def _is_number(v: Any) -> bool:
 def integer(low: int | None = None, *, null: str | None = None, also: tuple = ()) -> Rule:
     words = "an integer" + (f" >= {low}" if low is not None else "")
     words = " or ".join([*(repr(a) for a in also), words]) + (f", or null ({null})" if null else "")
-    return Rule(words, lambda v: (null is not None and v is None) or v in also and _is_int(v)
-                or (_is_int(v) and (low is None or v >= low)))
+    return Rule(
+        words,
+        lambda v: (
+            (null is not None and v is None) or v in also and _is_int(v) or (_is_int(v) and (low is None or v >= low))
+        ),
+    )
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False, null: str | None = None) -> Rule:
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    null: str | None = None,
+) -> Rule:
     parts = [f"{'>' if low_open else '>='} {low}"] if low is not None else []
     parts += [f"{'<' if high_open else '<='} {high}"] if high is not None else []
     words = "a finite number" + (" " + " and ".join(parts) if parts else "") + (f", or null ({null})" if null else "")
@@ -88,8 +95,9 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
             return True
         if not _is_number(v):
             return False
-        return ((low is None or (v > low if low_open else v >= low))
-                and (high is None or (v < high if high_open else v <= high)))
+        return (low is None or (v > low if low_open else v >= low)) and (
+            high is None or (v < high if high_open else v <= high)
+        )
 
     return Rule(words, ok)
 
@@ -100,8 +108,10 @@ def boolean() -> Rule:
 
 def choice(*options: Any, null: bool = False) -> Rule:
     words = "one of " + ", ".join(map(str, options)) + (", or null" if null else "")
-    return Rule(words, lambda v: (null and v is None) or (isinstance(v, (str, int)) and not isinstance(v, bool)
-                                                           and v in options))
+    return Rule(
+        words,
+        lambda v: (null and v is None) or (isinstance(v, (str, int)) and not isinstance(v, bool) and v in options),
+    )
 
 
 def text(*, empty: bool = False, null: bool = False) -> Rule:
@@ -110,8 +120,10 @@ def text(*, empty: bool = False, null: bool = False) -> Rule:
 
 
 def strings(options: tuple[str, ...]) -> Rule:
-    return Rule(f"a list of {', '.join(options)}",
-                lambda v: isinstance(v, list) and all(isinstance(x, str) and x in options for x in v))
+    return Rule(
+        f"a list of {', '.join(options)}",
+        lambda v: isinstance(v, list) and all(isinstance(x, str) and x in options for x in v),
+    )
 
 
 POSITIVE, COUNT = integer(1), integer(0)
@@ -125,87 +137,187 @@ RULES: dict[str, Rule] = {
     "dtype": DTYPE,
     "collate": boolean(),
     "name": text(),
-    "paths.artifacts": text(), "paths.results": text(), "paths.tables": text(),
-    "task.name": text(), "task.family": choice("hh", "imdb", "offline"), "task.source": text(),
-    "task.train_size": integer(1, null="every row"), "task.test_size": integer(1, null="every row"),
-    "task.max_new_tokens": POSITIVE, "task.format": choice("imdb_prefix", null=True),
+    "paths.artifacts": text(),
+    "paths.results": text(),
+    "paths.tables": text(),
+    "task.name": text(),
+    "task.family": choice("hh", "imdb", "offline"),
+    "task.source": text(),
+    "task.train_size": integer(1, null="every row"),
+    "task.test_size": integer(1, null="every row"),
+    "task.max_new_tokens": POSITIVE,
+    "task.format": choice("imdb_prefix", null=True),
     "task.prefix.rule": choice(*IMDB_RULES),
     "task.prefix.prompt_fraction": number(0.0, 1.0, low_open=True, high_open=True),
     "task.prefix.train_fraction": number(0.0, 1.0, low_open=True),
-    "task.prefix.shuffle_seed": integer(0, null="no shuffle"), "task.prefix.tokenizer": text(null=True),
+    "task.prefix.shuffle_seed": integer(0, null="no shuffle"),
+    "task.prefix.tokenizer": text(null=True),
     "task.prefix.prefix_tokens": integer(1, null="not used by this rule"),
-    "model.name": text(), "model.path": text(), "model.trust_remote_code": boolean(),
-    "sampling.name": text(), "sampling.generator": choice(*GENERATORS),
-    "sampling.dataset_responses": strings(("chosen", "rejected")), "sampling.train_on": choice(*TRAIN_ON),
-    "sampling.pad_over_group": boolean(), "sampling.num_candidates": POSITIVE, "sampling.num_beams": POSITIVE,
-    "sampling.num_beam_groups": POSITIVE, "sampling.diversity_penalty": number(0.0),
-    "sampling.top_p": PROBABILITY_MASS, "sampling.top_k": COUNT, "sampling.temperature": number(0.0, low_open=True),
-    "sampling.max_new_tokens": POSITIVE, "sampling.max_prompt_tokens": POSITIVE, "sampling.min_new_tokens": COUNT,
-    "sampling.prompt_bos": choice(*PROMPT_BOS), "sampling.stop_at_eos": boolean(), "sampling.add_pad_token": boolean(),
-    "sampling.dtype": DTYPE, "sampling.batch_size": POSITIVE, "sampling.iterations": POSITIVE,
-    "sampling.refresh_steps": integer(1, null="no online refresh"), "sampling.kl_coef": number(0.0, null="no KL term"),
+    "model.name": text(),
+    "model.path": text(),
+    "model.trust_remote_code": boolean(),
+    "sampling.name": text(),
+    "sampling.generator": choice(*GENERATORS),
+    "sampling.dataset_responses": strings(("chosen", "rejected")),
+    "sampling.train_on": choice(*TRAIN_ON),
+    "sampling.pad_over_group": boolean(),
+    "sampling.num_candidates": POSITIVE,
+    "sampling.num_beams": POSITIVE,
+    "sampling.num_beam_groups": POSITIVE,
+    "sampling.diversity_penalty": number(0.0),
+    "sampling.top_p": PROBABILITY_MASS,
+    "sampling.top_k": COUNT,
+    "sampling.temperature": number(0.0, low_open=True),
+    "sampling.max_new_tokens": POSITIVE,
+    "sampling.max_prompt_tokens": POSITIVE,
+    "sampling.min_new_tokens": COUNT,
+    "sampling.prompt_bos": choice(*PROMPT_BOS),
+    "sampling.stop_at_eos": boolean(),
+    "sampling.add_pad_token": boolean(),
+    "sampling.dtype": DTYPE,
+    "sampling.batch_size": POSITIVE,
+    "sampling.iterations": POSITIVE,
+    "sampling.refresh_steps": integer(1, null="no online refresh"),
+    "sampling.kl_coef": number(0.0, null="no KL term"),
     "sampling.table10_setting": text(null=True),
-    "method.name": choice(*METHODS), "method.n": POSITIVE, "method.batch_size": POSITIVE,
-    "method.temperature": number(0.0, low_open=True), "method.top_p": PROBABILITY_MASS,
-    "method.source": text(null=True), "method.pairs": choice(*PAIRS),
-    "reward.name": choice(*REWARDS), "reward.batch_size": POSITIVE, "reward.max_length": POSITIVE,
-    "reward.dtype": DTYPE, "reward.separator": text(empty=True), "reward.label": COUNT,
-    "reward.output": choice("prob", "logit"), "reward.text": choice("response", "prompt+response"),
-    "reward.path": text(), "reward.tokenizer": text(), "reward.backbone": text(), "reward.checkpoint_repo": text(),
-    "reward.checkpoint_file": text(), "reward.truncation_side": choice("left", "right", null=True),
-    "eval.max_new_tokens": POSITIVE, "eval.min_new_tokens": COUNT, "eval.max_prompt_tokens": POSITIVE,
-    "eval.batch_size": POSITIVE, "eval.stop_cut": boolean(), "eval.judge": text(), "eval.ppl_batch_size": POSITIVE,
-    "eval.rm_accuracy": boolean(), "eval.model_max_length": integer(2), "eval.dataset_responses": boolean(),
-    "eval.reference_ppl": boolean(), "eval.reference_ppl_stride": POSITIVE,
+    "method.name": choice(*METHODS),
+    "method.n": POSITIVE,
+    "method.batch_size": POSITIVE,
+    "method.temperature": number(0.0, low_open=True),
+    "method.top_p": PROBABILITY_MASS,
+    "method.source": text(null=True),
+    "method.pairs": choice(*PAIRS),
+    "reward.name": choice(*REWARDS),
+    "reward.batch_size": POSITIVE,
+    "reward.max_length": POSITIVE,
+    "reward.dtype": DTYPE,
+    "reward.separator": text(empty=True),
+    "reward.label": COUNT,
+    "reward.output": choice("prob", "logit"),
+    "reward.text": choice("response", "prompt+response"),
+    "reward.path": text(),
+    "reward.tokenizer": text(),
+    "reward.backbone": text(),
+    "reward.checkpoint_repo": text(),
+    "reward.checkpoint_file": text(),
+    "reward.truncation_side": choice("left", "right", null=True),
+    "eval.max_new_tokens": POSITIVE,
+    "eval.min_new_tokens": COUNT,
+    "eval.max_prompt_tokens": POSITIVE,
+    "eval.batch_size": POSITIVE,
+    "eval.stop_cut": boolean(),
+    "eval.judge": text(),
+    "eval.ppl_batch_size": POSITIVE,
+    "eval.rm_accuracy": boolean(),
+    "eval.model_max_length": integer(2),
+    "eval.dataset_responses": boolean(),
+    "eval.reference_ppl": boolean(),
+    "eval.reference_ppl_stride": POSITIVE,
     "trainer.name": text(),
 }
 # Keys every run reads (the others belong to some options only).
-REQUIRED = ("seed", "name", "paths.artifacts", "paths.results", "task.source", "task.train_size", "task.test_size",
-            "task.max_new_tokens", "model.path", "model.trust_remote_code", "sampling.name", "sampling.generator",
-            "method.name", "reward.name", "eval.max_new_tokens", "eval.judge", "eval.batch_size", "eval.ppl_batch_size",
-            "trainer.args")
+REQUIRED = (
+    "seed",
+    "name",
+    "paths.artifacts",
+    "paths.results",
+    "task.source",
+    "task.train_size",
+    "task.test_size",
+    "task.max_new_tokens",
+    "model.path",
+    "model.trust_remote_code",
+    "sampling.name",
+    "sampling.generator",
+    "method.name",
+    "reward.name",
+    "eval.max_new_tokens",
+    "eval.judge",
+    "eval.batch_size",
+    "eval.ppl_batch_size",
+    "trainer.args",
+)
 
 # trainer.args and method.train_args (RRHFArguments, i.e. TrainingArguments + RRHF's options): ranges beyond the
 # field's type, which is checked for every field.
 TRAINER_RULES: dict[str, Rule] = {
-    "learning_rate": number(0.0, low_open=True), "num_train_epochs": number(0.0, low_open=True),
-    "max_steps": integer(1, also=(-1,)), "warmup_steps": number(0.0), "weight_decay": number(0.0),
-    "max_grad_norm": number(0.0), "adam_beta1": BETA, "adam_beta2": BETA, "adam_epsilon": number(0.0, low_open=True),
-    "per_device_train_batch_size": POSITIVE, "gradient_accumulation_steps": POSITIVE,
-    "dataloader_num_workers": COUNT, "save_total_limit": integer(1, null="keep every checkpoint"),
-    "logging_steps": Rule("a number > 0, an integer when above 1 (a fraction of the steps below 1)",
-                          lambda v: _is_number(v) and v > 0 and (v <= 1 or float(v).is_integer())),
-    "save_steps": Rule("a number > 0, an integer when above 1 (a fraction of the steps below 1)",
-                       lambda v: _is_number(v) and v > 0 and (v <= 1 or float(v).is_integer())),
-    "model_max_length": integer(2), "max_prompt_tokens": POSITIVE, "max_response_tokens": POSITIVE,
-    "rank_weight": number(0.0), "length_penalty": number(),
-    "objective": choice("rrhf", "lm"), "semantics": choice(*SEMANTICS), "layout": choice(*LAYOUTS),
-    "beta": number(0.0, low_open=True, null="the method's default"), "gamma": number(null="the method's default"),
+    "learning_rate": number(0.0, low_open=True),
+    "num_train_epochs": number(0.0, low_open=True),
+    "max_steps": integer(1, also=(-1,)),
+    "warmup_steps": number(0.0),
+    "weight_decay": number(0.0),
+    "max_grad_norm": number(0.0),
+    "adam_beta1": BETA,
+    "adam_beta2": BETA,
+    "adam_epsilon": number(0.0, low_open=True),
+    "per_device_train_batch_size": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "dataloader_num_workers": COUNT,
+    "save_total_limit": integer(1, null="keep every checkpoint"),
+    "logging_steps": Rule(
+        "a number > 0, an integer when above 1 (a fraction of the steps below 1)",
+        lambda v: _is_number(v) and v > 0 and (v <= 1 or float(v).is_integer()),
+    ),
+    "save_steps": Rule(
+        "a number > 0, an integer when above 1 (a fraction of the steps below 1)",
+        lambda v: _is_number(v) and v > 0 and (v <= 1 or float(v).is_integer()),
+    ),
+    "model_max_length": integer(2),
+    "max_prompt_tokens": POSITIVE,
+    "max_response_tokens": POSITIVE,
+    "rank_weight": number(0.0),
+    "length_penalty": number(),
+    "objective": choice("rrhf", "lm"),
+    "semantics": choice(*SEMANTICS),
+    "layout": choice(*LAYOUTS),
+    "beta": number(0.0, low_open=True, null="the method's default"),
+    "gamma": number(null="the method's default"),
     "alpha": number(0.0, null="the method's default"),
     "fsdp": Rule("true, false, or a string of FSDP options", lambda v: isinstance(v, (bool, str))),
     "deepspeed": Rule("null, a DeepSpeed JSON file or a mapping", lambda v: v is None or isinstance(v, (str, dict))),
-    "report_to": Rule("null, a string or a list of strings", lambda v: v is None or isinstance(v, str)
-                      or (isinstance(v, list) and all(isinstance(x, str) for x in v))),
+    "report_to": Rule(
+        "null, a string or a list of strings",
+        lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    ),
 }
 
 # method.ppo (rrhf.ppo.PPOConfig): ranges beyond the field's type.
 PPO_RULES: dict[str, Rule] = {
-    "learning_rate": number(0.0, low_open=True), "adam_beta1": BETA, "adam_beta2": BETA,
-    "adam_eps": number(0.0, low_open=True), "weight_decay": number(0.0), "iterations": POSITIVE,
-    "num_rollouts": POSITIVE, "chunk_size": POSITIVE, "ppo_epochs": POSITIVE, "batch_size": POSITIVE,
-    "init_kl_coef": number(0.0), "target": number(0.0, low_open=True, null="a fixed KL coefficient"),
-    "horizon": POSITIVE, "gamma": number(0.0, 1.0), "lam": number(0.0, 1.0), "cliprange": number(0.0, low_open=True),
-    "cliprange_value": number(0.0, low_open=True), "vf_coef": number(0.0),
+    "learning_rate": number(0.0, low_open=True),
+    "adam_beta1": BETA,
+    "adam_beta2": BETA,
+    "adam_eps": number(0.0, low_open=True),
+    "weight_decay": number(0.0),
+    "iterations": POSITIVE,
+    "num_rollouts": POSITIVE,
+    "chunk_size": POSITIVE,
+    "ppo_epochs": POSITIVE,
+    "batch_size": POSITIVE,
+    "init_kl_coef": number(0.0),
+    "target": number(0.0, low_open=True, null="a fixed KL coefficient"),
+    "horizon": POSITIVE,
+    "gamma": number(0.0, 1.0),
+    "lam": number(0.0, 1.0),
+    "cliprange": number(0.0, low_open=True),
+    "cliprange_value": number(0.0, low_open=True),
+    "vf_coef": number(0.0),
     "cliprange_reward": number(0.0, low_open=True),
-    "scale_reward": choice("running", null=True), "num_layers_unfrozen": integer(-1),
-    "top_k": COUNT, "top_p": PROBABILITY_MASS, "temperature": number(0.0, low_open=True),
-    "max_new_tokens": POSITIVE, "max_prompt_tokens": POSITIVE, "prompt_bos": choice(*PROMPT_BOS),
-    "reward_separator": text(empty=True), "save_every": POSITIVE,
+    "scale_reward": choice("running", null=True),
+    "num_layers_unfrozen": integer(-1),
+    "top_k": COUNT,
+    "top_p": PROBABILITY_MASS,
+    "temperature": number(0.0, low_open=True),
+    "max_new_tokens": POSITIVE,
+    "max_prompt_tokens": POSITIVE,
+    "prompt_bos": choice(*PROMPT_BOS),
+    "reward_separator": text(empty=True),
+    "save_every": POSITIVE,
 }
 
 
-def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None,
-                 launch: bool = True) -> dict[str, Any]:
+def check_config(
+    cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None, launch: bool = True
+) -> dict[str, Any]:
     """Refuse, with one `ConfigError`, a config that cannot run here; called before any model is loaded.
 
     `ppo` is the dataclass `method.ppo` becomes (rrhf.ppo.PPOConfig): its fields are that section's schema.
@@ -219,11 +331,14 @@ def check_config(cfg: DictConfig | Mapping[str, Any], *, ppo: type | None = None
     for key, rule in RULES.items():
         _check(key, _get(plain, key), rule)
     _check_device(plain)
+    check_output_paths(plain)
     _check_sampling(plain)
     _check_eval(plain)
     method = plain["method"]["name"]
     if method in TRAINED_BY_THE_TRAINER:
         _check_trainer(plain)
+    if method == "rrhf":
+        _check_ranking(plain)
     if method == "ppo" and ppo is not None:
         settings = plain["method"].get("ppo") or {}
         if "seed" in settings:
@@ -288,32 +403,75 @@ def _check_sampling(plain: dict[str, Any]) -> None:
     generator = s["generator"]
     if generator == "file":
         if s.get("train_file") in (None, "???") or not isinstance(s.get("train_file"), str):
-            raise ConfigError(f"sampling.train_file={s.get('train_file')!r}: sampling=file needs the path of a "
-                              "training file in the authors' format")
+            raise ConfigError(
+                f"sampling.train_file={s.get('train_file')!r}: sampling=file needs the path of a "
+                "training file in the authors' format"
+            )
         return
     beams, groups, n = s.get("num_beams"), s.get("num_beam_groups"), s.get("num_candidates")
     if generator == "diverse_beam":
         if beams < 2 or beams % groups:
-            raise ConfigError(f"sampling.num_beams={beams}, sampling.num_beam_groups={groups}: diverse beam search "
-                              "needs at least 2 beams, a multiple of the groups")
+            raise ConfigError(
+                f"sampling.num_beams={beams}, sampling.num_beam_groups={groups}: diverse beam search "
+                "needs at least 2 beams, a multiple of the groups"
+            )
         if groups > 1 and not s.get("diversity_penalty", 0) > 0:
-            raise ConfigError(f"sampling.diversity_penalty={s.get('diversity_penalty')!r}: expected > 0 with "
-                              f"{groups} beam groups (the groups are otherwise identical)")
+            raise ConfigError(
+                f"sampling.diversity_penalty={s.get('diversity_penalty')!r}: expected > 0 with "
+                f"{groups} beam groups (the groups are otherwise identical)"
+            )
         if s.get("min_new_tokens"):
-            raise ConfigError(f"sampling.min_new_tokens={s['min_new_tokens']}: not supported with "
-                              "generator=diverse_beam; expected 0")
+            raise ConfigError(
+                f"sampling.min_new_tokens={s['min_new_tokens']}: not supported with generator=diverse_beam; expected 0"
+            )
     if generator in ("diverse_beam", "beam") and n is not None and beams is not None and n > beams:
         raise ConfigError(f"sampling.num_candidates={n}: beam search returns at most sampling.num_beams={beams}")
     if s.get("refresh_steps") and generator == "none":
-        raise ConfigError(f"sampling.refresh_steps={s['refresh_steps']}: online refreshes need a generator, "
-                          "got sampling.generator=none")
+        raise ConfigError(
+            f"sampling.refresh_steps={s['refresh_steps']}: online refreshes need a generator, "
+            "got sampling.generator=none"
+        )
+
+
+def candidate_counts(sampling: dict[str, Any]) -> tuple[int, int] | None:
+    """The candidates each training query has under a sampling setting, as (generated, the data set's): none
+    generated by generator=none or kept by train_on=provided, none of the data set's kept by train_on=sampled.
+    None for sampling=file, whose groups are in the file."""
+    generator, train_on = sampling["generator"], sampling.get("train_on", "all")
+    if generator == "file":
+        return None
+    generated = 0 if generator == "none" or train_on == "provided" else int(sampling.get("num_candidates") or 0)
+    provided = 0 if train_on == "sampled" else len(sampling.get("dataset_responses") or [])
+    return generated, provided
+
+
+def _check_ranking(plain: dict[str, Any]) -> None:
+    """RRHF's ranking term compares the candidates of a query: with fewer than two it is empty, and the run
+    would be SFT on one response filed as RRHF. A run that asks for no ranking term (rank_weight 0, Table 7's
+    ablation, or objective lm) is not refused."""
+    args = (plain["trainer"].get("args") or {}) | (plain["method"].get("train_args") or {})
+    if args.get("rank_weight", 1.0) == 0 or args.get("objective", "rrhf") == "lm":
+        return
+    s = plain["sampling"]
+    counts = candidate_counts(s)
+    if counts is not None and sum(counts) < 2:
+        generated, provided = counts
+        raise ConfigError(
+            f"sampling={s.get('name')}: {sum(counts)} candidate(s) per query ({generated} generated, from "
+            f"sampling.num_candidates={s.get('num_candidates')} and generator={s['generator']}; {provided} of the "
+            f"data set, from sampling.dataset_responses={s.get('dataset_responses')}; sampling.train_on="
+            f"{s.get('train_on', 'all')}). method=rrhf ranks the candidates of each query, at least 2, or its "
+            "ranking term is empty: raise sampling.num_candidates or add dataset responses, or set "
+            "method.train_args.rank_weight=0 for the SFT term alone"
+        )
 
 
 def _check_eval(plain: dict[str, Any]) -> None:
     e = plain["eval"]
     if e.get("min_new_tokens", 0) > e["max_new_tokens"]:
-        raise ConfigError(f"eval.min_new_tokens={e['min_new_tokens']}: expected at most "
-                          f"eval.max_new_tokens={e['max_new_tokens']}")
+        raise ConfigError(
+            f"eval.min_new_tokens={e['min_new_tokens']}: expected at most eval.max_new_tokens={e['max_new_tokens']}"
+        )
 
 
 def _check_trainer(plain: dict[str, Any]) -> None:
@@ -346,14 +504,18 @@ def check_launch(cfg: DictConfig | Mapping[str, Any]) -> None:
     if (deepspeed or fsdp) and not all(k in os.environ for k in LAUNCH_VARIABLES):
         profile = plain["trainer"].get("name")
         what = "DeepSpeed" if deepspeed else "FSDP"
-        raise ConfigError(f"trainer={profile} (trainer.args.{'deepspeed' if deepspeed else 'fsdp'}): {what} "
-                          "training needs a distributed launch, one process per device, and this is a plain "
-                          "process. Launch with `torchrun --nproc-per-node=N run.py ...` (N=1 works, also on a "
-                          "CPU), or a SLURM job with one task per GPU (hydra/launcher=slurm_gpu); or choose "
-                          "trainer=cpu or trainer=ddp for one process")
+        raise ConfigError(
+            f"trainer={profile} (trainer.args.{'deepspeed' if deepspeed else 'fsdp'}): {what} "
+            "training needs a distributed launch, one process per device, and this is a plain "
+            "process. Launch with `torchrun --nproc-per-node=N run.py ...` (N=1 works, also on a "
+            "CPU), or a SLURM job with one task per GPU (hydra/launcher=slurm_gpu); or choose "
+            "trainer=cpu or trainer=ddp for one process"
+        )
     if deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"trainer.args.deepspeed={deepspeed!r}: the deepspeed package is not installed "
-                          "(pip install -e '.[deepspeed]')")
+        raise ConfigError(
+            f"trainer.args.deepspeed={deepspeed!r}: the deepspeed package is not installed "
+            "(pip install -e '.[deepspeed]')"
+        )
 
 
 def _check_fields(section: str, values: dict[str, Any], cls: type, rules: dict[str, Rule]) -> None:
@@ -387,6 +549,52 @@ def _type_rule(hint: Any) -> Rule | None:
     return simple if not null else Rule(simple.allowed + ", or null", lambda v: v is None or simple.ok(v))
 
 
+OUTPUT_PATHS = ("paths.results", "paths.artifacts", "paths.tables")
+
+
+def check_output_paths(plain: dict[str, Any]) -> None:
+    """`paths.results`, `paths.artifacts` and `paths.tables` are folders, or can be made: none names a file or
+    lies under one. Part of `check_config`; also run before Hydra makes the run folder (`OutputPathsCheck`)."""
+    for key in OUTPUT_PATHS:
+        value = _get(plain, key)
+        if not isinstance(value, str) or not value.strip():
+            continue  # missing or of the wrong type: the key rules say so
+        path = Path(value).expanduser()
+        for place in (path, *path.parents):
+            if place.exists() or place.is_symlink():
+                if not place.is_dir():
+                    where = "is a file" if place == path else f"lies under {place}, a file"
+                    raise ConfigError(
+                        f"{key}={value!r}: {where}, not a folder; name a folder (it is made when missing)"
+                    )
+                break
+
+
+class OutputPathsCheck(Callback):
+    """`check_output_paths` before Hydra makes the run or sweep folder under `paths.results` (which it does
+    before a job starts: a file there would otherwise end in a raw NotADirectoryError or FileExistsError)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config)
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        paths: dict[str, Any] = {}
+        for key in OUTPUT_PATHS:
+            try:
+                paths[key.split(".")[1]] = OmegaConf.select(config, key)
+            except Exception:  # not resolvable yet (${hydra:...} before the job): check_config checks it
+                continue
+        try:
+            check_output_paths({"paths": paths})
+        except ConfigError as error:
+            # Hydra turns a callback's exception into a warning and goes on; SystemExit stops the command.
+            raise SystemExit(f"rrhf: {error}") from None
+
+
 def _check_paths(plain: dict[str, Any]) -> None:
     """The files and folders a config names exist, before a stage needs them."""
     for key in ("model.path", "eval.judge", "task.source"):
@@ -399,5 +607,7 @@ def _check_paths(plain: dict[str, Any]) -> None:
     deepspeed = (plain["trainer"].get("args") or {}).get("deepspeed")
     if plain["method"]["name"] in TRAINED_BY_THE_TRAINER and isinstance(deepspeed, str):
         if not (Path(deepspeed).is_file() or (PROJECT_ROOT / deepspeed).is_file()):
-            raise ConfigError(f"trainer.args.deepspeed={deepspeed!r}: no such file (relative paths are taken "
-                              "from the working folder or the project root)")
+            raise ConfigError(
+                f"trainer.args.deepspeed={deepspeed!r}: no such file (relative paths are taken "
+                "from the working folder or the project root)"
+            )

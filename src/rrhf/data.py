@@ -94,8 +94,10 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     except UnicodeDecodeError as error:
         line_start = data.rfind(b"\n", 0, error.start) + 1
         line = data.count(b"\n", 0, error.start) + 1
-        raise ValueError(f"{path}:{line}: byte {error.start - line_start + 1} of the line (0x{data[error.start]:02x}) "
-                         "is not UTF-8; data files must be UTF-8 text, one JSON object a line") from None
+        raise ValueError(
+            f"{path}:{line}: byte {error.start - line_start + 1} of the line (0x{data[error.start]:02x}) "
+            "is not UTF-8; data files must be UTF-8 text, one JSON object a line"
+        ) from None
     return enumerate(io.StringIO(text, newline=None), start=1)
 
 
@@ -121,8 +123,10 @@ def strict_json(obj: Any, where: str | Path, **kwargs: Any) -> str:
         bad = _non_finite(obj, "")
         if bad is None:
             raise
-        raise ValueError(f"{where}: {bad[0] or 'the value'} is {bad[1]}, not a finite number; refusing to write "
-                         "it (JSON files are written strict, without NaN or Infinity)") from None
+        raise ValueError(
+            f"{where}: {bad[0] or 'the value'} is {bad[1]}, not a finite number; refusing to write "
+            "it (JSON files are written strict, without NaN or Infinity)"
+        ) from None
 
 
 def _non_finite(node: Any, at: str) -> tuple[str, float] | None:
@@ -167,9 +171,18 @@ def _check_row(row: Any, where: str) -> None:
 IMDB_RULES = ("rl4lms", "tokens")
 
 
-def imdb_prefix_rows(source: str, split: str, *, rule: str = "rl4lms", limit: int | None = None,
-                     prompt_fraction: float = 0.5, shuffle_seed: int | None = 42, train_fraction: float = 0.8,
-                     tokenizer: str | None = None, prefix_tokens: int | None = None) -> list[dict[str, Any]]:
+def imdb_prefix_rows(
+    source: str,
+    split: str,
+    *,
+    rule: str = "rl4lms",
+    limit: int | None = None,
+    prompt_fraction: float = 0.5,
+    shuffle_seed: int | None = 42,
+    train_fraction: float = 0.8,
+    tokenizer: str | None = None,
+    prefix_tokens: int | None = None,
+) -> list[dict[str, Any]]:
     """IMDB reviews as prompts and continuations, with the whole review kept as `reference`.
 
     rule "rl4lms" (default; RL4LMs' IMDB data pool, paper-notes section 8): the reviews of the split are
@@ -192,25 +205,27 @@ def imdb_prefix_rows(source: str, split: str, *, rule: str = "rl4lms", limit: in
         order = datasets.Dataset.from_dict({"i": list(range(len(reviews)))}).shuffle(seed=shuffle_seed)["i"]
         reviews = [reviews[i] for i in order]
     if split == "train":
-        reviews = reviews[:int(len(reviews) * train_fraction)]
+        reviews = reviews[: int(len(reviews) * train_fraction)]
     rows = []
     for text in reviews[:limit] if limit else reviews:
         words = text.split(" ")
-        prompt = " ".join(words[:int(len(words) * prompt_fraction)])
-        rows.append({"prompt": prompt, "chosen": text[len(prompt):], "rejected": None, "reference": text})
+        prompt = " ".join(words[: int(len(words) * prompt_fraction)])
+        rows.append({"prompt": prompt, "chosen": text[len(prompt) :], "rejected": None, "reference": text})
     return rows
 
 
-def _token_prefix_rows(source: str, split: str, tokenizer_name: str | None, prefix_tokens: int | None,
-                       limit: int | None) -> list[dict[str, Any]]:
+def _token_prefix_rows(
+    source: str, split: str, tokenizer_name: str | None, prefix_tokens: int | None, limit: int | None
+) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from rrhf import hub
 
     if not tokenizer_name or not prefix_tokens:
         raise ValueError("task.prefix.rule=tokens needs task.prefix.tokenizer and task.prefix.prefix_tokens")
-    tokenizer = AutoTokenizer.from_pretrained(hub.snapshot(tokenizer_name) if hub.is_hub_id(tokenizer_name)
-                                              else tokenizer_name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        hub.snapshot(tokenizer_name) if hub.is_hub_id(tokenizer_name) else tokenizer_name
+    )
     rows = []
     for row in hub_rows(source, split)[:limit] if limit else hub_rows(source, split):
         text = row["text"].replace("<br />", " ")
@@ -218,7 +233,7 @@ def _token_prefix_rows(source: str, split: str, tokenizer_name: str | None, pref
         if len(ids) <= prefix_tokens:
             continue  # nothing left to continue
         prompt = tokenizer.decode(ids[:prefix_tokens])
-        rows.append({"prompt": prompt, "chosen": text[len(prompt):], "rejected": None, "reference": text})
+        rows.append({"prompt": prompt, "chosen": text[len(prompt) :], "rejected": None, "reference": text})
     return rows
 
 
@@ -230,8 +245,14 @@ def with_dataset_responses(sampled: Sequence[str], row: dict[str, Any], fields: 
 TRAIN_ON = ("all", "sampled", "provided")
 
 
-def training_group(sampled: Sequence[str], row: dict[str, Any], fields: Iterable[str], *, train_on: str = "all",
-                   pad_over_group: bool = False) -> tuple[list[str], list[str]]:
+def training_group(
+    sampled: Sequence[str],
+    row: dict[str, Any],
+    fields: Iterable[str],
+    *,
+    train_on: str = "all",
+    pad_over_group: bool = False,
+) -> tuple[list[str], list[str]]:
     """The candidates a prompt trains on and, with `pad_over_group`, the rest of its group.
 
     The group is `with_dataset_responses`. `train_on` "sampled" keeps the sampled candidates (D, the
@@ -261,9 +282,15 @@ def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) 
         if empty and not allow_empty_responses:
             raise ValueError(f"{where}: empty response at position {empty[0]}")
 
-    rows = [{"query": row["query"], "responses": list(row["responses"]), "scores": [float(s) for s in row["scores"]],
-             **({"pad_responses": list(row["pad_responses"])} if row.get("pad_responses") else {})}
-            for row in read_jsonl(path, check)]
+    rows = [
+        {
+            "query": row["query"],
+            "responses": list(row["responses"]),
+            "scores": [float(s) for s in row["scores"]],
+            **({"pad_responses": list(row["pad_responses"])} if row.get("pad_responses") else {}),
+        }
+        for row in read_jsonl(path, check)
+    ]
     if not rows:
         raise ValueError(f"{path}: no training examples (the file is empty or holds only blank lines)")
     return rows
@@ -289,8 +316,7 @@ def _check_example(row: Any, where: str) -> None:
     if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
         raise ValueError(f"{where}: 'responses' must be a list of strings")
     # bool is an int subclass in Python; a true/false score is a data error, not a number.
-    if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool)
-                                               for s in scores):
+    if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
         raise ValueError(f"{where}: 'scores' must be a list of numbers")
     if not responses:
         raise ValueError(f"{where}: empty 'responses' list")

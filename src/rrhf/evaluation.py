@@ -35,8 +35,17 @@ PAPER_MAX_TEXT_TOKENS = 19
 PPL_MODES = ("paper", "exact")
 
 
-def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 16,
-                     max_prompt_tokens: int = 256, min_new_tokens: int = 0, mapper: Mapper = local_map) -> list[str]:
+def greedy_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+    min_new_tokens: int = 0,
+    mapper: Mapper = local_map,
+) -> list[str]:
     """Greedy continuations of `prompts` (`decode_new`: the new text, special tokens skipped), in input order.
 
     Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
@@ -50,14 +59,20 @@ def greedy_responses(model, tokenizer, prompts: Sequence[str], *, max_new_tokens
     def generate(chunk: list[int]) -> list[str]:
         batch = left_padded([encoded[i] for i in chunk], pad)
         with eval_mode(model):
-            out = model.generate(input_ids=batch["input_ids"].to(model.device),
-                                 attention_mask=batch["attention_mask"].to(model.device),
-                                 do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                 **stopping(tokenizer, True, min_new_tokens))
+            out = model.generate(
+                input_ids=batch["input_ids"].to(model.device),
+                attention_mask=batch["attention_mask"].to(model.device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                **stopping(tokenizer, True, min_new_tokens),
+            )
         return decode_new(tokenizer, out, batch["input_ids"].shape[1])
 
-    results = mapper(length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy",
-                     unit="prompt")
+    results = mapper(
+        length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy", unit="prompt"
+    )
     return [results[i] for i in range(len(prompts))]
 
 
@@ -67,8 +82,9 @@ def _clean(text: str) -> str:
     return text if text else " "
 
 
-def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_size: int = 8,
-                 mapper: Mapper = local_map) -> list[float]:
+def perplexities(
+    texts: Sequence[str], model, tokenizer, *, mode: str, batch_size: int = 8, mapper: Mapper = local_map
+) -> list[float]:
     """Perplexity of each text under `model`, in input order.
 
     Each text is cleaned (newlines to spaces, stripped, empty -> " "), tokenised without special tokens
@@ -114,14 +130,24 @@ def perplexities(texts: Sequence[str], model, tokenizer, *, mode: str, batch_siz
         # The metric script exponentiated a natural-log NLL in base 2; kept as is in paper mode.
         return (torch.exp2(mean_nll) if mode == "paper" else torch.exp(mean_nll)).tolist()
 
-    results = mapper(length_sorted_batches([len(x) for x in ids], batch_size), score, desc=f"perplexity ({mode})",
-                     unit="response")
+    results = mapper(
+        length_sorted_batches([len(x) for x in ids], batch_size), score, desc=f"perplexity ({mode})", unit="response"
+    )
     return [results[i] for i in range(len(ids))]
 
 
-def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, model_max_length: int = 192,
-                  max_prompt_tokens: int = 256, max_response_tokens: int = 128, length_penalty: float = 1.0,
-                  batch_size: int = 8, mapper: Mapper = local_map) -> dict[str, tuple[list[float], list[float]]]:
+def policy_scores(
+    model,
+    tokenizer,
+    pairs: Sequence[tuple[str, str, str]],
+    *,
+    model_max_length: int = 192,
+    max_prompt_tokens: int = 256,
+    max_response_tokens: int = 128,
+    length_penalty: float = 1.0,
+    batch_size: int = 8,
+    mapper: Mapper = local_map,
+) -> dict[str, tuple[list[float], list[float]]]:
     """A policy's own scores of (prompt, chosen, rejected) triples, as RRHF's ranking term sees them.
 
     Returns, per semantics, the chosen and the rejected scores (`rrhf.loss.candidate_scores`: `paper`
@@ -138,29 +164,55 @@ def policy_scores(model, tokenizer, pairs: Sequence[tuple[str, str, str]], *, mo
         """Per pair: {semantics: [chosen score, rejected score]}."""
         out: list[dict[str, list[float]]] = [{} for _ in chunk]
         for semantics in ("paper", "official"):
-            examples = [tokenize_example({"query": pairs[i][0], "responses": list(pairs[i][1:]), "scores": [1.0, 0.0]},
-                                         tokenizer, semantics=semantics, model_max_length=model_max_length,
-                                         max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
-                        for i in chunk]
+            examples = [
+                tokenize_example(
+                    {"query": pairs[i][0], "responses": list(pairs[i][1:]), "scores": [1.0, 0.0]},
+                    tokenizer,
+                    semantics=semantics,
+                    model_max_length=model_max_length,
+                    max_prompt_tokens=max_prompt_tokens,
+                    max_response_tokens=max_response_tokens,
+                )
+                for i in chunk
+            ]
             with eval_mode(model):
                 sums, lengths = group_logprob_sums(model, [(e["query_ids"], e["responses_ids"]) for e in examples])
             pad_lengths = torch.tensor([e["pad_length"] for e in examples])
-            scores = candidate_scores(sums, lengths, semantics=semantics, length_penalty=length_penalty,
-                                      pad_lengths=pad_lengths)
+            scores = candidate_scores(
+                sums, lengths, semantics=semantics, length_penalty=length_penalty, pad_lengths=pad_lengths
+            )
             for row, pair_scores in zip(out, scores.tolist()):
                 row[semantics] = pair_scores
         return out
 
     batches = [list(range(i, min(i + batch_size, len(pairs)))) for i in range(0, len(pairs), batch_size)]
     results = mapper(batches, score, desc="policy scores", unit="pair")
-    return {semantics: ([results[i][semantics][0] for i in range(len(pairs))],
-                        [results[i][semantics][1] for i in range(len(pairs))]) for semantics in ("paper", "official")}
+    return {
+        semantics: (
+            [results[i][semantics][0] for i in range(len(pairs))],
+            [results[i][semantics][1] for i in range(len(pairs))],
+        )
+        for semantics in ("paper", "official")
+    }
 
 
-def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: int, max_new_tokens: int,
-                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 8,
-                        max_prompt_tokens: int = 256, seed: int = 0, min_new_tokens: int = 0, cut: bool = True,
-                        mapper: Mapper = local_map) -> list[str]:
+def best_of_n_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    scorer,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    max_prompt_tokens: int = 256,
+    seed: int = 0,
+    min_new_tokens: int = 0,
+    cut: bool = True,
+    mapper: Mapper = local_map,
+) -> list[str]:
     """Best-of-n (Table 2's Best-of-4 row; Table 8: n samples at inference, none at training).
 
     Samples n responses per prompt, applies the stop cut (unless `cut` is false), and keeps the one the
@@ -173,12 +225,21 @@ def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: 
         batch = left_truncated_batch(tokenizer, [prompts[i] for i in chunk], max_prompt_tokens)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with eval_mode(model):
-            out = sample(model, tokenizer, batch, seed=seed + chunk[0], n=n, max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens)
+            out = sample(
+                model,
+                tokenizer,
+                batch,
+                seed=seed + chunk[0],
+                n=n,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                min_new_tokens=min_new_tokens,
+            )
         texts = decode_new(tokenizer, out, batch["input_ids"].shape[1])
         candidates = [stop_cut(t) for t in texts] if cut else texts
         rewards = scorer.score([prompts[i] for i in chunk for _ in range(n)], candidates)
-        groups = [rewards[k * n:(k + 1) * n] for k in range(len(chunk))]
+        groups = [rewards[k * n : (k + 1) * n] for k in range(len(chunk))]
         return [candidates[k * n + group.index(max(group))] for k, group in enumerate(groups)]
 
     batches = [list(range(i, min(i + batch_size, len(prompts)))) for i in range(0, len(prompts), batch_size)]
@@ -187,8 +248,9 @@ def best_of_n_responses(model, tokenizer, prompts: Sequence[str], scorer, *, n: 
     return best
 
 
-def reference_perplexity(model, tokenizer, texts: Sequence[str], *, stride: int = 512,
-                         max_length: int | None = None) -> float:
+def reference_perplexity(
+    model, tokenizer, texts: Sequence[str], *, stride: int = 512, max_length: int | None = None
+) -> float:
     """The model's perplexity on `texts`, as RL4LMs' IMDB metric computes it (paper-notes section 8).
 
     Not the judge's perplexity of responses: here the policy scores the task's reference texts. The texts
@@ -206,7 +268,7 @@ def reference_perplexity(model, tokenizer, texts: Sequence[str], *, stride: int 
             begin, end = max(start + stride - max_length, 0), min(start + stride, ids.shape[1])
             window = ids[:, begin:end].to(model.device)
             labels = window.clone()
-            labels[:, :-(end - start)] = -100  # context only: scored by an earlier window
+            labels[:, : -(end - start)] = -100  # context only: scored by an earlier window
             # The model's loss is the mean over the window's scored predictions; RL4LMs weighs it by the
             # number of new tokens (one more than the predictions of the first window).
             total += model(input_ids=window, labels=labels).loss.float().item() * (end - start)

@@ -47,24 +47,35 @@ class Claim:
 
 
 CLAIMS = (
-    Claim("RRHF (DP) raises the reward over the initial policy", "Tables 2, 6",
-          (Comparison("rrhf_dp", "initial", "reward", "higher"),)),
-    Claim("Removing L_rank lowers the reward", "Table 7",
-          (Comparison("no_rank", "rrhf_dp", "reward", "lower"),)),
-    Claim("IP-2 beats IP-1 (= DP)", "Table 6",
-          (Comparison("ip2", "rrhf_dp", "reward", "higher"),)),
-    Claim("OP without KL raises the reward over DP but hurts perplexity (reward hacking)", "Table 6",
-          (Comparison("op", "rrhf_dp", "reward", "higher"), Comparison("op", "rrhf_dp", "ppl", "higher"))),
-    Claim("The KL term (beta 0.01) restrains OP: lower perplexity than OP without it", "Table 6",
-          (Comparison("op_kl", "op", "ppl", "lower"),)),
-    Claim("The same with the IMDB appendix's beta 0.1", "Tables 6, 10",
-          (Comparison("op_kl_imdb", "op", "ppl", "lower"),)),
-    Claim("Best-of-4 beats greedy decoding of the initial policy", "Table 2",
-          (Comparison("best_of_4", "initial", "reward", "higher"),)),
-    Claim("PPO raises the reward over the initial policy", "Table 2",
-          (Comparison("ppo", "initial", "reward", "higher"),)),
-    Claim("RRHF is competitive with PPO in reward", "Table 2",
-          (Comparison("rrhf_dp", "ppo", "reward", "not_lower"),)),
+    Claim(
+        "RRHF (DP) raises the reward over the initial policy",
+        "Tables 2, 6",
+        (Comparison("rrhf_dp", "initial", "reward", "higher"),),
+    ),
+    Claim("Removing L_rank lowers the reward", "Table 7", (Comparison("no_rank", "rrhf_dp", "reward", "lower"),)),
+    Claim("IP-2 beats IP-1 (= DP)", "Table 6", (Comparison("ip2", "rrhf_dp", "reward", "higher"),)),
+    Claim(
+        "OP without KL raises the reward over DP but hurts perplexity (reward hacking)",
+        "Table 6",
+        (Comparison("op", "rrhf_dp", "reward", "higher"), Comparison("op", "rrhf_dp", "ppl", "higher")),
+    ),
+    Claim(
+        "The KL term (beta 0.01) restrains OP: lower perplexity than OP without it",
+        "Table 6",
+        (Comparison("op_kl", "op", "ppl", "lower"),),
+    ),
+    Claim(
+        "The same with the IMDB appendix's beta 0.1", "Tables 6, 10", (Comparison("op_kl_imdb", "op", "ppl", "lower"),)
+    ),
+    Claim(
+        "Best-of-4 beats greedy decoding of the initial policy",
+        "Table 2",
+        (Comparison("best_of_4", "initial", "reward", "higher"),),
+    ),
+    Claim(
+        "PPO raises the reward over the initial policy", "Table 2", (Comparison("ppo", "initial", "reward", "higher"),)
+    ),
+    Claim("RRHF is competitive with PPO in reward", "Table 2", (Comparison("rrhf_dp", "ppo", "reward", "not_lower"),)),
     # Wall time only: a sweep runs its jobs in one process, whose resident memory carries over from job to
     # job, so peak memory is compared by benchmarks/rrhf_vs_ppo.py (each variant in a fresh process).
     Claim("RRHF costs a fraction of PPO's wall time", "Sections 1, 4", cost=("rrhf_dp", "ppo")),
@@ -102,8 +113,13 @@ def evaluate_claims(arms: dict[str, Arm]) -> pd.DataFrame:
             if found is None:
                 lines.append({"comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}", "verdict": "no run"})
                 continue
-            lines.append({"comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}", **found,
-                          "verdict": comparison_verdict(c.direction, found["ci_low"], found["ci_high"])})
+            lines.append(
+                {
+                    "comparison": f"{c.metric}: {c.a} {_symbol(c.direction)} {c.b}",
+                    **found,
+                    "verdict": comparison_verdict(c.direction, found["ci_low"], found["ci_high"]),
+                }
+            )
         if claim.cost:
             cheap, dear = claim.cost
             a = arms[cheap].cost("seconds") if cheap in arms else None
@@ -112,11 +128,18 @@ def evaluate_claims(arms: dict[str, Arm]) -> pd.DataFrame:
                 lines.append({"comparison": f"seconds: {cheap} < {dear}", "verdict": "no run"})
             else:  # means over each arm's seeds
                 a, b = float(np.mean(a)), float(np.mean(b))
-                lines.append({"comparison": f"seconds: {cheap} < {dear}", "a": a, "b": b, "difference": a - b,
-                              "ratio": a / b, "verdict": "holds" if a < b else "does not hold"})
+                lines.append(
+                    {
+                        "comparison": f"seconds: {cheap} < {dear}",
+                        "a": a,
+                        "b": b,
+                        "difference": a - b,
+                        "ratio": a / b,
+                        "verdict": "holds" if a < b else "does not hold",
+                    }
+                )
         verdict = claim_verdict([line["verdict"] for line in lines])
-        rows += [{"claim": claim.statement, "source": claim.source, "claim_verdict": verdict, **line}
-                 for line in lines]
+        rows += [{"claim": claim.statement, "source": claim.source, "claim_verdict": verdict, **line} for line in lines]
     return pd.DataFrame(rows)
 
 
@@ -130,11 +153,20 @@ def arm_table(arms: dict[str, Arm]) -> pd.DataFrame:
     for arm in arms.values():
         reward, ppl = arm.seed_means("reward"), arm.seed_means("ppl")
         seconds, memory = arm.cost("seconds"), arm.cost("peak_rss_mib")
-        rows.append({"arm": arm.name, "seeds": " ".join(map(str, arm.seeds)), "reward": reward.mean(),
-                     "reward_sd": spread(reward), "ppl": ppl.mean(), "ppl_sd": spread(ppl), "prompts": len(arm.prompts),
-                     "train_seconds": float(np.mean(seconds)) if seconds else None,
-                     "train_seconds_sd": spread(seconds) if seconds else None,
-                     "peak_rss_mib": max(memory) if memory else None})
+        rows.append(
+            {
+                "arm": arm.name,
+                "seeds": " ".join(map(str, arm.seeds)),
+                "reward": reward.mean(),
+                "reward_sd": spread(reward),
+                "ppl": ppl.mean(),
+                "ppl_sd": spread(ppl),
+                "prompts": len(arm.prompts),
+                "train_seconds": float(np.mean(seconds)) if seconds else None,
+                "train_seconds_sd": spread(seconds) if seconds else None,
+                "peak_rss_mib": max(memory) if memory else None,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -153,11 +185,15 @@ def _pm(mean: Any, sd: Any, digits: int = 3) -> str:
 
 def markdown(claims: pd.DataFrame, arms: pd.DataFrame) -> str:
     seeds = sorted({s for text in arms["seeds"] for s in text.split()}, key=int) if len(arms) else []
-    out = ["# Findings: the paper's claims on the embedded default", "",
-           f"Training seeds: {', '.join(seeds)}. A and B are means over the seeds both arms ran and the test "
-           "prompts; the interval of A - B is a paired bootstrap that resamples seeds, then prompts.", "",
-           "| Claim | Source | Comparison | A | B | A - B [95% CI] | Seeds | Comparison verdict | Claim verdict |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "# Findings: the paper's claims on the embedded default",
+        "",
+        f"Training seeds: {', '.join(seeds)}. A and B are means over the seeds both arms ran and the test "
+        "prompts; the interval of A - B is a paired bootstrap that resamples seeds, then prompts.",
+        "",
+        "| Claim | Source | Comparison | A | B | A - B [95% CI] | Seeds | Comparison verdict | Claim verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in claims.iterrows():
         if "ratio" in r and not pd.isna(r.get("ratio")):
             delta = f"ratio {r['ratio']:.2f}"
@@ -166,17 +202,24 @@ def markdown(claims: pd.DataFrame, arms: pd.DataFrame) -> str:
         else:
             delta = f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
         seeds_used = "-" if pd.isna(r.get("seeds")) else int(r["seeds"])
-        out.append(f"| {r['claim']} | {r['source']} | {r['comparison']} | {_fmt(r.get('a'))} | {_fmt(r.get('b'))} "
-                   f"| {delta} | {seeds_used} | {r['verdict']} | **{r['claim_verdict']}** |")
-    out += ["", "Per arm, the mean ± standard deviation over its seeds.", "",
-            "| Arm | Seeds | Reward | PPL (paper mode) | Test prompts | Training wall s "
-            "| Peak RSS MiB (sweep process) |",
-            "|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {r['claim']} | {r['source']} | {r['comparison']} | {_fmt(r.get('a'))} | {_fmt(r.get('b'))} "
+            f"| {delta} | {seeds_used} | {r['verdict']} | **{r['claim_verdict']}** |"
+        )
+    out += [
+        "",
+        "Per arm, the mean ± standard deviation over its seeds.",
+        "",
+        "| Arm | Seeds | Reward | PPL (paper mode) | Test prompts | Training wall s | Peak RSS MiB (sweep process) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for _, r in arms.iterrows():
-        out.append(f"| {r['arm']} | {r['seeds']} | {_pm(r['reward'], r['reward_sd'])} "
-                   f"| {_pm(r['ppl'], r['ppl_sd'], 2)} | {r['prompts']} "
-                   f"| {_pm(r['train_seconds'], r['train_seconds_sd'], 1)} "
-                   f"| {_fmt(r['peak_rss_mib'], 0)} |")
+        out.append(
+            f"| {r['arm']} | {r['seeds']} | {_pm(r['reward'], r['reward_sd'])} "
+            f"| {_pm(r['ppl'], r['ppl_sd'], 2)} | {r['prompts']} "
+            f"| {_pm(r['train_seconds'], r['train_seconds_sd'], 1)} "
+            f"| {_fmt(r['peak_rss_mib'], 0)} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -186,11 +229,20 @@ def write_findings(results: Path, out: Path) -> list[Path]:
     if not arms:
         raise FileNotFoundError(f"{results}: no finished run of experiment=findings")
     claims, table = evaluate_claims(arms), arm_table(arms)
-    files = {"findings.md": markdown(claims, table), "findings.csv": claims.to_csv(index=False),
-             "findings_arms.csv": table.to_csv(index=False),
-             "findings.tex": claims.astype(object).where(claims.notna(), "").to_latex(
-                 index=False, escape=True, float_format="%.3f", caption="The paper's claims on the embedded default.",
-                 label="tab:findings")}
+    files = {
+        "findings.md": markdown(claims, table),
+        "findings.csv": claims.to_csv(index=False),
+        "findings_arms.csv": table.to_csv(index=False),
+        "findings.tex": claims.astype(object)
+        .where(claims.notna(), "")
+        .to_latex(
+            index=False,
+            escape=True,
+            float_format="%.3f",
+            caption="The paper's claims on the embedded default.",
+            label="tab:findings",
+        ),
+    }
     written = write_files(out, files)
     log.info("findings: %d arms, %d claims -> %s", len(arms), len(CLAIMS), out / "findings.md")
     return written

@@ -91,8 +91,9 @@ def left_padded(ids: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tenso
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def left_truncated_batch(tokenizer, prompts: Sequence[str], max_prompt_tokens: int, *,
-                         bos: str = "keep") -> dict[str, torch.Tensor]:
+def left_truncated_batch(
+    tokenizer, prompts: Sequence[str], max_prompt_tokens: int, *, bos: str = "keep"
+) -> dict[str, torch.Tensor]:
     """Tokenise prompts with the paper's left truncation (`prompt_ids`) and left-pad them into one batch."""
     return left_padded([prompt_ids(tokenizer, p, max_prompt_tokens, bos=bos) for p in prompts], pad_id(tokenizer))
 
@@ -101,8 +102,10 @@ def check_context(model, prompt_tokens: int, new_tokens: int, keys: str) -> None
     """Fail before generating when prompt + response cannot fit the model's positions."""
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and prompt_tokens + new_tokens > limit:
-        raise ValueError(f"{keys}: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's "
-                         f"context of {limit} positions; lower them")
+        raise ValueError(
+            f"{keys}: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's "
+            f"context of {limit} positions; lower them"
+        )
 
 
 def decode_new(tokenizer, out: torch.Tensor, width: int) -> list[str]:
@@ -117,8 +120,10 @@ def decode_new(tokenizer, out: torch.Tensor, width: int) -> list[str]:
     rows = out.tolist()
     whole = tokenizer.batch_decode(rows, skip_special_tokens=True)
     prompts = tokenizer.batch_decode([row[:width] for row in rows], skip_special_tokens=True)
-    return [text[len(prompt):] if text.startswith(prompt) else tokenizer.decode(row[width:], skip_special_tokens=True)
-            for row, text, prompt in zip(rows, whole, prompts)]
+    return [
+        text[len(prompt) :] if text.startswith(prompt) else tokenizer.decode(row[width:], skip_special_tokens=True)
+        for row, text, prompt in zip(rows, whole, prompts)
+    ]
 
 
 def stopping(tokenizer, stop_at_eos: bool, min_new_tokens: int) -> dict[str, Any]:
@@ -132,16 +137,35 @@ def stopping(tokenizer, stop_at_eos: bool, min_new_tokens: int) -> dict[str, Any
     return out
 
 
-def sample(model, tokenizer, batch: dict[str, torch.Tensor], *, seed: int, n: int, max_new_tokens: int,
-           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop_at_eos: bool = True,
-           min_new_tokens: int = 0) -> torch.Tensor:
+def sample(
+    model,
+    tokenizer,
+    batch: dict[str, torch.Tensor],
+    *,
+    seed: int,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_at_eos: bool = True,
+    min_new_tokens: int = 0,
+) -> torch.Tensor:
     """n sampled continuations of every prompt of a left-padded batch, seeded: a batch draws the same
     tokens whenever it is drawn (a resumed job, a rerun, another rank), whatever was drawn before it.
     `stop_at_eos=False` generates past EOS; `min_new_tokens` holds EOS back until that many tokens."""
     torch.manual_seed(seed)
-    return model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k,
-                          num_return_sequences=n, max_new_tokens=max_new_tokens, pad_token_id=pad_id(tokenizer),
-                          **stopping(tokenizer, stop_at_eos, min_new_tokens))
+    return model.generate(
+        **batch,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        num_return_sequences=n,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id(tokenizer),
+        **stopping(tokenizer, stop_at_eos, min_new_tokens),
+    )
 
 
 def generate_batch(model, tokenizer, prompts: Sequence[str], cfg: Any, seed: int) -> list[list[str]]:
@@ -155,30 +179,52 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], cfg: Any, seed: int
     stop_at_eos, min_new_tokens = bool(cfg.get("stop_at_eos", True)), int(cfg.get("min_new_tokens") or 0)
     batch = left_truncated_batch(tokenizer, prompts, cfg.max_prompt_tokens, bos=cfg.get("prompt_bos", "keep"))
     batch = {k: v.to(device) for k, v in batch.items()}
-    check_context(model, batch["input_ids"].shape[1], cfg.max_new_tokens,
-                  "sampling.max_prompt_tokens + sampling.max_new_tokens")
+    check_context(
+        model, batch["input_ids"].shape[1], cfg.max_new_tokens, "sampling.max_prompt_tokens + sampling.max_new_tokens"
+    )
     n = cfg.num_candidates
     with eval_mode(model), torch.no_grad():
         if cfg.generator == "diverse_beam":
             if min_new_tokens:
                 raise ValueError("sampling.min_new_tokens is not supported with generator=diverse_beam")
             # An empty EOS list: no token ends a beam (None would take the model's own EOS).
-            out = diverse_beam_search(model, batch["input_ids"], batch["attention_mask"],
-                                      num_beams=cfg.num_beams, num_beam_groups=cfg.num_beam_groups,
-                                      diversity_penalty=cfg.diversity_penalty, num_return_sequences=n,
-                                      max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id(tokenizer),
-                                      eos_token_id=tokenizer.eos_token_id if stop_at_eos else [])
+            out = diverse_beam_search(
+                model,
+                batch["input_ids"],
+                batch["attention_mask"],
+                num_beams=cfg.num_beams,
+                num_beam_groups=cfg.num_beam_groups,
+                diversity_penalty=cfg.diversity_penalty,
+                num_return_sequences=n,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=pad_id(tokenizer),
+                eos_token_id=tokenizer.eos_token_id if stop_at_eos else [],
+            )
         elif cfg.generator == "beam":
-            out = model.generate(**batch, do_sample=False, num_beams=cfg.num_beams, num_return_sequences=n,
-                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=pad_id(tokenizer),
-                                 **stopping(tokenizer, stop_at_eos, min_new_tokens))
+            out = model.generate(
+                **batch,
+                do_sample=False,
+                num_beams=cfg.num_beams,
+                num_return_sequences=n,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=pad_id(tokenizer),
+                **stopping(tokenizer, stop_at_eos, min_new_tokens),
+            )
         elif cfg.generator in ("top_p", "top_k"):
             nucleus = dict(top_p=cfg.top_p, top_k=0) if cfg.generator == "top_p" else dict(top_k=cfg.top_k)
-            out = sample(model, tokenizer, batch, seed=seed, n=n, max_new_tokens=cfg.max_new_tokens,
-                         temperature=cfg.temperature, stop_at_eos=stop_at_eos, min_new_tokens=min_new_tokens,
-                         **nucleus)
+            out = sample(
+                model,
+                tokenizer,
+                batch,
+                seed=seed,
+                n=n,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                stop_at_eos=stop_at_eos,
+                min_new_tokens=min_new_tokens,
+                **nucleus,
+            )
         else:
-            raise ValueError(f"sampling.generator={cfg.generator!r}: expected diverse_beam, beam, top_p, top_k "
-                             "or none")
+            raise ValueError(f"sampling.generator={cfg.generator!r}: expected diverse_beam, beam, top_p, top_k or none")
     texts = decode_new(tokenizer, out, batch["input_ids"].shape[1])
-    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]

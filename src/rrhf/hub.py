@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rrhf import PROJECT_ROOT
+from rrhf import PROJECT_ROOT, ConfigError
 
 KINDS = ("model", "dataset")
 # What a role needs from a repository: each entry is satisfied by any one of its patterns.
@@ -52,8 +52,11 @@ class Item:
 
     @property
     def lock_key(self) -> str:
-        return self.repo_id if self.revision in (None, "main") or is_commit(self.revision) else \
-            f"{self.repo_id}@{self.revision}"
+        return (
+            self.repo_id
+            if self.revision in (None, "main") or is_commit(self.revision)
+            else f"{self.repo_id}@{self.revision}"
+        )
 
     def describe(self, commit: str | None = None) -> str:
         at = commit or self.revision or "main"
@@ -98,34 +101,122 @@ def offline() -> bool:
 
 # ---------------------------------------------------------------------------------------------- the lock file
 
+DEFAULT_LOCK = PROJECT_ROOT / "hub.lock.yaml"
+
+
 def lock_path() -> Path:
     """`hub.lock.yaml` at the project root (RRHF_HUB_LOCK names another)."""
-    return Path(os.environ.get("RRHF_HUB_LOCK", PROJECT_ROOT / "hub.lock.yaml")).expanduser()
+    return Path(os.environ.get("RRHF_HUB_LOCK") or DEFAULT_LOCK).expanduser()
 
 
-def read_lock(path: Path | None = None) -> dict[str, dict[str, str]]:
-    """{"model": {lock key: commit}, "dataset": {...}}; empty when there is no lock file."""
+def _lock_error(path: Path, line: int | None, problem: str) -> ValueError:
+    # The config checks' error type: run.py and the collator treat a bad lock like any other bad config.
+    return ConfigError(f"{path}{f':{line}' if line else ''}: {problem}")
+
+
+def read_lock(path: Path | None = None, *, create: bool = False) -> dict[str, dict[str, str]]:
+    """{"model": {lock key: commit}, "dataset": {...}}, read through the lock file's schema.
+
+    The file is a mapping with `models` and `datasets` only, each a mapping of repository id (`id` or
+    `id@revision`) to a 40-character commit; every other shape is a ConfigError naming the file, line and key.
+    No file at the default path means no pins; a lock named by RRHF_HUB_LOCK or `path` must exist, unless
+    `create` (fetch, which writes it), since a mistyped name would silently load `main` instead of the pins.
+    """
     import yaml
 
-    path = path or lock_path()
+    named = path is not None or bool(os.environ.get("RRHF_HUB_LOCK"))
+    path = Path(path).expanduser() if path is not None else lock_path()
+    lock: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
     if not path.exists():
-        return {kind: {} for kind in KINDS}
-    data = yaml.safe_load(path.read_text()) or {}
-    lock = {kind: dict(data.get(f"{kind}s") or {}) for kind in KINDS}
-    for kind, entries in lock.items():
-        for key, commit in entries.items():
-            if not is_commit(commit):
-                raise ValueError(f"{path}: {kind}s.{key}: {commit!r} is not a 40-character commit hash")
+        if named and not create:
+            raise _lock_error(
+                path,
+                None,
+                "no such lock file (named by RRHF_HUB_LOCK or --lock); write it with "
+                "`python -m rrhf.hub fetch <overrides> --lock <file>`, or unset "
+                f"RRHF_HUB_LOCK to read {DEFAULT_LOCK} (no file there: no pins)",
+            )
+        return lock
+    try:
+        root = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError) as error:
+        raise _lock_error(path, None, f"cannot be read as a lock file: {error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise _lock_error(path, mark.line + 1 if mark else None, f"not valid YAML: {problem}") from None
+    if root is None or _scalar(root) == ("null", None):  # an empty file pins nothing
+        return lock
+    sections = {f"{kind}s": kind for kind in KINDS}
+    for key, value in _entries(path, root, "the top level"):
+        if key.value not in sections:
+            raise _lock_error(
+                path,
+                key.start_mark.line + 1,
+                f"{key.value!r}: not a key of a lock file; expected {' and '.join(sections)}",
+            )
+        kind = sections[key.value]
+        if _scalar(value) == ("null", None):  # `models:` with nothing under it
+            continue
+        for repo, commit in _entries(path, value, key.value):
+            line = repo.start_mark.line + 1
+            name = repo.value.split("@", 1)[0]
+            if not _HUB_NAME.fullmatch(name):
+                raise _lock_error(
+                    path,
+                    line,
+                    f"{key.value}.{repo.value}: not a Hub repository id (org/name or "
+                    "name, with @revision where a config names one)",
+                )
+            tag, text = _scalar(commit)
+            if tag != "str" or not is_commit(text):
+                got = repr(text) if tag else "a list" if isinstance(commit, yaml.SequenceNode) else "a mapping"
+                raise _lock_error(
+                    path,
+                    commit.start_mark.line + 1,
+                    f"{key.value}.{repo.value}: {got} is not a 40-character commit hash",
+                )
+            lock[kind][repo.value] = text
     return lock
+
+
+def _scalar(node: Any) -> tuple[str, Any]:
+    """A YAML node's resolved type ("str", "int", "null", ...) and its text; ("", None) for a non-scalar."""
+    import yaml
+
+    if not isinstance(node, yaml.ScalarNode):
+        return "", None
+    tag = node.tag.rsplit(":", 1)[-1]
+    return tag, (None if tag == "null" else node.value)
+
+
+def _entries(path: Path, node: Any, where: str) -> list[tuple[Any, Any]]:
+    """The (key, value) nodes of a YAML mapping whose keys are strings, each once; else the line and why."""
+    import yaml
+
+    if not isinstance(node, yaml.MappingNode):
+        shape = "a list" if isinstance(node, yaml.SequenceNode) else f"the value {_scalar(node)[1]!r}"
+        raise _lock_error(path, node.start_mark.line + 1, f"{where}: expected a mapping, got {shape}")
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        line = key.start_mark.line + 1
+        if _scalar(key)[0] != "str":
+            raise _lock_error(path, line, f"{where}: key {_scalar(key)[1]!r} is not a string")
+        if key.value in seen:
+            raise _lock_error(path, line, f"{where}: {key.value!r} appears twice (lines {seen[key.value]} and {line})")
+        seen[key.value] = line
+    return list(node.value)
 
 
 def write_lock(lock: dict[str, dict[str, str]], path: Path | None = None) -> Path:
     import yaml
 
     path = path or lock_path()
-    header = ("# Written by `python -m rrhf.hub fetch`: the commit of every Hugging Face Hub repository the\n"
-              "# configs read. Keep it with the project: jobs load exactly these commits (a `revision` in a\n"
-              "# config wins); `fetch --update` moves them to the repositories' current commits.\n")
+    header = (
+        "# Written by `python -m rrhf.hub fetch`: the commit of every Hugging Face Hub repository the\n"
+        "# configs read. Keep it with the project: jobs load exactly these commits (a `revision` in a\n"
+        "# config wins); `fetch --update` moves them to the repositories' current commits.\n"
+    )
     body = yaml.safe_dump({f"{kind}s": dict(sorted(lock[kind].items())) for kind in KINDS}, sort_keys=False)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(header + body)
@@ -142,6 +233,7 @@ def wanted_commit(item: Item, lock: dict[str, dict[str, str]] | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------- reading the cache
+
 
 @dataclass
 class _Pins:
@@ -160,8 +252,16 @@ def _local_snapshot(item: Item, commit: str | None) -> tuple[Path, str]:
 
     try:
         # No patterns: the needs are alternatives (safetensors or .bin), checked below, not a list of files.
-        folder = Path(snapshot_download(item.repo_id, repo_type=item.kind, revision=commit or item.revision or "main",
-                                        cache_dir=cache_dir(), local_files_only=True, allow_patterns=[]))
+        folder = Path(
+            snapshot_download(
+                item.repo_id,
+                repo_type=item.kind,
+                revision=commit or item.revision or "main",
+                cache_dir=cache_dir(),
+                local_files_only=True,
+                allow_patterns=[],
+            )
+        )
     except (LocalEntryNotFoundError, OSError) as error:
         raise FileNotFoundError(item.describe(commit)) from error
     unmet = [need for need in item.needs if not _has(folder, need)]
@@ -172,8 +272,11 @@ def _local_snapshot(item: Item, commit: str | None) -> tuple[Path, str]:
 
 def _has(folder: Path, patterns: Iterable[str]) -> bool:
     names = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-    return any(fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(Path(name).name, pattern)
-               for pattern in patterns for name in names)
+    return any(
+        fnmatch.fnmatch(name, pattern) or fnmatch.fnmatch(Path(name).name, pattern)
+        for pattern in patterns
+        for name in names
+    )
 
 
 def snapshot(repo_id: str, kind: str = "model", revision: str | None = None) -> Path:
@@ -203,6 +306,7 @@ def identity(repo_id: str, kind: str = "model") -> str:
 
 # ------------------------------------------------------------------------------------------- the manifest
 
+
 def _revision(node: Any, key: str) -> str | None:
     value = node.get(key) if node is not None else None
     return str(value) if value not in (None, "") else None
@@ -222,8 +326,13 @@ def manifest(cfg: Any) -> list[Item]:
         add(model.sft.get("source"), "dataset", _revision(model.sft, "source_revision"), (DATA,), "model.sft.source")
     add(e.judge, "model", _revision(e, "judge_revision"), (CONFIG, WEIGHTS, TOKENIZER), "eval.judge")
     if reward.name == "gptj_rm_static":
-        add(reward.checkpoint_repo, "model", _revision(reward, "revision"), ((reward.checkpoint_file,),),
-            "reward.checkpoint_repo")
+        add(
+            reward.checkpoint_repo,
+            "model",
+            _revision(reward, "revision"),
+            ((reward.checkpoint_file,),),
+            "reward.checkpoint_repo",
+        )
         add(reward.backbone, "model", _revision(reward, "backbone_revision"), (CONFIG,), "reward.backbone")
         add(reward.tokenizer, "model", _revision(reward, "tokenizer_revision"), (TOKENIZER,), "reward.tokenizer")
     elif reward.get("path"):
@@ -247,8 +356,10 @@ def merge(items: Iterable[Item]) -> list[Item]:
             merged[key] = item
             continue
         if (have.revision or "main") != (item.revision or "main"):
-            raise ValueError(f"{item.kind} {item.repo_id}: {', '.join(have.keys)} ask for revision "
-                             f"{have.revision or 'main'}, {', '.join(item.keys)} for {item.revision or 'main'}")
+            raise ValueError(
+                f"{item.kind} {item.repo_id}: {', '.join(have.keys)} ask for revision "
+                f"{have.revision or 'main'}, {', '.join(item.keys)} for {item.revision or 'main'}"
+            )
         needs = have.needs + tuple(n for n in item.needs if n not in have.needs)
         keys = have.keys + tuple(k for k in item.keys if k not in have.keys)
         merged[key] = Item(item.repo_id, item.kind, have.revision, needs, keys)
@@ -272,8 +383,12 @@ def require(cfg: Any) -> dict[str, str]:
     Raises HubItemsMissing, naming every missing item, before any stage does work.
     """
     _PINS.folders.clear()
-    lock, missing, found = read_lock(), [], {}
-    for item in manifest(cfg):
+    items = manifest(cfg)
+    missing: list[tuple[Item, str | None]] = []
+    found: dict[str, str] = {}
+    # A job without a Hub item never reads the lock: a broken lock file cannot stop it.
+    lock = read_lock() if items else {kind: {} for kind in KINDS}
+    for item in items:
         commit = wanted_commit(item, lock)
         try:
             folder, resolved = _local_snapshot(item, commit)
@@ -288,6 +403,7 @@ def require(cfg: Any) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ fetching
+
 
 def _download_patterns(item: Item, files: list[str]) -> list[str]:
     """The repository's files an item needs: what its roles match (safetensors weights in preference to .bin,
@@ -310,7 +426,7 @@ def fetch(items: list[Item], *, update: bool = False, lock_file: Path | None = N
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     api = HfApi(endpoint=endpoint)
-    lock = read_lock(lock_file)
+    lock = read_lock(lock_file, create=True)  # fetch writes the lock: a named one need not exist yet
     done = []
     for item in items:
         pinned = item.revision if is_commit(item.revision) else None if update else lock[item.kind].get(item.lock_key)
@@ -319,12 +435,23 @@ def fetch(items: list[Item], *, update: bool = False, lock_file: Path | None = N
         patterns = _download_patterns(item, files)
         # With safetensors weights, the index of the .bin shards left behind would only mislead a reader.
         ignore = ["*.bin.index.json"] if any(fnmatch.fnmatch(f, "*.safetensors") for f in files) else None
-        folder = Path(snapshot_download(item.repo_id, repo_type=item.kind, revision=info.sha, cache_dir=cache_dir(),
-                                        allow_patterns=patterns, ignore_patterns=ignore, endpoint=endpoint))
+        folder = Path(
+            snapshot_download(
+                item.repo_id,
+                repo_type=item.kind,
+                revision=info.sha,
+                cache_dir=cache_dir(),
+                allow_patterns=patterns,
+                ignore_patterns=ignore,
+                endpoint=endpoint,
+            )
+        )
         unmet = [need for need in item.needs if not _has(folder, need)]
         if unmet:
-            raise FileNotFoundError(f"{item.describe(info.sha)}: the repository has no file matching "
-                                    f"{' or '.join(unmet[0])} (needed by {', '.join(item.keys)})")
+            raise FileNotFoundError(
+                f"{item.describe(info.sha)}: the repository has no file matching "
+                f"{' or '.join(unmet[0])} (needed by {', '.join(item.keys)})"
+            )
         lock[item.kind][item.lock_key] = info.sha
         done.append((item, info.sha, folder))
     write_lock(lock, lock_file)
@@ -364,8 +491,9 @@ def _size(folder: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rrhf.hub", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m rrhf.hub", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     get = sub.add_parser("fetch", help="download (or, offline, list the missing) Hub items of a config or sweep")
     get.add_argument("overrides", nargs="*", help="Hydra overrides, as given to run.py (sweeps expand)")
@@ -380,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         return 0
     if offline():
-        lock, missing = read_lock(), 0
+        lock, missing = read_lock(create=True), 0
         for item in items:
             commit = wanted_commit(item, lock)
             try:

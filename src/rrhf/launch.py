@@ -8,8 +8,12 @@ reads them. Every rank runs the whole pipeline; the stages divide their work by 
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
+import threading
+import time
 
 
 def rank() -> int:
@@ -52,6 +56,50 @@ def export_torch_env_from_slurm() -> bool:
     # CUDA_VISIBLE_DEVICES is left alone: the HF Trainer places rank r on cuda:LOCAL_RANK of all the GPUs.
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return True
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+LAUNCHER_CHECK_SECONDS = 1.0
+
+
+def end_with_launcher() -> bool:
+    """Under torchrun, end this rank as soon as the launcher (its parent process) ends. Returns whether it will.
+
+    torchrun stops its workers when it is stopped politely, or when one of them fails; a launcher that is killed
+    outright (SIGKILL, the OOM killer) stops nothing, and its workers would run on without it (into a rendezvous
+    that never comes) while holding their stage locks. On Linux the kernel sends this rank SIGKILL when the
+    launcher ends (prctl PR_SET_PDEATHSIG); elsewhere, and as a fallback, a thread checks every second that the
+    parent is still the launcher. A plain `python run.py` is left alone: it may outlive its shell on purpose.
+    Either way the rank ends as if preempted, and a rerun resumes its partial work.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            print(
+                f"rrhf: rank {rank()}: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}); watching "
+                "the launcher from a thread instead",
+                file=sys.stderr,
+                flush=True,
+            )
+    threading.Thread(target=_watch_launcher, args=(launcher,), name="rrhf-launcher-watch", daemon=True).start()
+    return True
+
+
+def _watch_launcher(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(LAUNCHER_CHECK_SECONDS)
+    _launcher_gone(launcher)
+
+
+def _launcher_gone(launcher: int) -> None:
+    try:
+        os.write(2, f"rrhf: rank {rank()}: the launcher (pid {launcher}) has ended; ending this rank\n".encode())
+    except OSError:  # nobody reads our stderr any more
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def crash_point(stage: str) -> None:

@@ -83,8 +83,8 @@ def _concat_rows(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> _Rows
     for row, (prompt, response) in enumerate(pairs):
         n_p, n_r = prompt.numel(), response.numel()
         ids[row, :n_p] = prompt
-        ids[row, n_p:n_p + n_r] = response
-        mask[row, :n_p + n_r] = True
+        ids[row, n_p : n_p + n_r] = response
+        mask[row, : n_p + n_r] = True
         rows.append(torch.full((n_r,), row, device=device))
         cols.append(torch.arange(n_p - 1, n_p + n_r - 1, device=device))
         targets.append(response)
@@ -117,8 +117,9 @@ def _shared_rows(groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> _Rows
             allowed[row, start:end, start:end] = torch.ones(n_r, n_r, dtype=torch.bool, device=device).tril()
             rows.append(torch.full((n_r,), row, device=device))
             # The first token is predicted from the prompt's last position, the others from their own row.
-            cols.append(torch.cat([torch.tensor([n_p - 1], device=device),
-                                   torch.arange(start, end - 1, device=device)]))
+            cols.append(
+                torch.cat([torch.tensor([n_p - 1], device=device), torch.arange(start, end - 1, device=device)])
+            )
             targets.append(response)
             start = end
     return _finish(ids, allowed, pos, rows, cols, targets, counts)
@@ -144,9 +145,11 @@ def _attention_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tens
         dtype = next(_unwrap(model).parameters()).dtype
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
-    raise ValueError(f"layout='shared' needs a custom 4-D attention mask, which attn_implementation={impl!r} "
-                     "does not take; load the model with attn_implementation='sdpa' or 'eager', or use "
-                     "layout='concat'")
+    raise ValueError(
+        f"layout='shared' needs a custom 4-D attention mask, which attn_implementation={impl!r} "
+        "does not take; load the model with attn_implementation='sdpa' or 'eager', or use "
+        "layout='concat'"
+    )
 
 
 def _check_window(model: torch.nn.Module, groups: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> None:
@@ -158,8 +161,10 @@ def _check_window(model: torch.nn.Module, groups: list[tuple[torch.Tensor, list[
         return
     longest = max(p.numel() + max((r.numel() for r in rs), default=0) for p, rs in groups)
     if longest > window:
-        raise ValueError(f"layout='shared' is exact only within the model's sliding window ({window} tokens); "
-                         f"a prompt + response has {longest}: use layout='concat'")
+        raise ValueError(
+            f"layout='shared' is exact only within the model's sliding window ({window} tokens); "
+            f"a prompt + response has {longest}: use layout='concat'"
+        )
 
 
 def _token_logprobs(model: torch.nn.Module, groups: Sequence[Group], layout: str) -> tuple[torch.Tensor, list[int]]:
@@ -181,14 +186,21 @@ def _token_logprobs(model: torch.nn.Module, groups: Sequence[Group], layout: str
         anchor = next(_unwrap(model).parameters())
         return anchor.new_zeros(0, dtype=torch.float32) + 0 * anchor.sum(), rows.counts
 
-    out = model(input_ids=rows.input_ids, attention_mask=attention_mask, position_ids=rows.position_ids,
-                logits_to_keep=rows.keep, use_cache=False)
+    out = model(
+        input_ids=rows.input_ids,
+        attention_mask=attention_mask,
+        position_ids=rows.position_ids,
+        logits_to_keep=rows.keep,
+        use_cache=False,
+    )
     logits = out.logits  # (kept positions, vocab), row-major order
     n_keep = int(rows.keep.sum())
     if logits.dim() != 2 or logits.shape[0] != n_keep:
-        raise RuntimeError(f"{type(_unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
-                           f"a boolean logits_to_keep with {n_keep} positions: the model's forward must take a "
-                           "(rows, seq) boolean logits_to_keep (transformers 5.24 causal LMs do)")
+        raise RuntimeError(
+            f"{type(_unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
+            f"a boolean logits_to_keep with {n_keep} positions: the model's forward must take a "
+            "(rows, seq) boolean logits_to_keep (transformers 5.24 causal LMs do)"
+        )
     flat = torch.full(rows.keep.shape, -1, dtype=torch.long, device=rows.keep.device)
     flat[rows.keep] = torch.arange(logits.shape[0], device=flat.device)
     where = flat[rows.pred_row, rows.pred_col]
@@ -197,26 +209,29 @@ def _token_logprobs(model: torch.nn.Module, groups: Sequence[Group], layout: str
     return logits[where, rows.targets].float() - lse[where], rows.counts
 
 
-def response_logprobs(model: torch.nn.Module, prompt_ids: Ids, responses_ids: Sequence[Ids], *,
-                      layout: str = "shared") -> list[torch.Tensor]:
+def response_logprobs(
+    model: torch.nn.Module, prompt_ids: Ids, responses_ids: Sequence[Ids], *, layout: str = "shared"
+) -> list[torch.Tensor]:
     """Per-token log-probs of each response given the prompt: a list of 1-D float32 tensors, differentiable."""
     return batch_response_logprobs(model, [(prompt_ids, responses_ids)], layout=layout)[0]
 
 
-def batch_response_logprobs(model: torch.nn.Module, groups: Sequence[Group], *,
-                            layout: str = "shared") -> list[list[torch.Tensor]]:
+def batch_response_logprobs(
+    model: torch.nn.Module, groups: Sequence[Group], *, layout: str = "shared"
+) -> list[list[torch.Tensor]]:
     """`response_logprobs` for several (prompt_ids, responses_ids) groups in one forward."""
     logp, counts = _token_logprobs(model, groups, layout)
     pieces = list(logp.split(counts))
     out = []
     for _, responses in groups:
-        out.append(pieces[:len(responses)])
-        pieces = pieces[len(responses):]
+        out.append(pieces[: len(responses)])
+        pieces = pieces[len(responses) :]
     return out
 
 
-def group_logprob_sums(model: torch.nn.Module, groups: Sequence[Group], *,
-                       layout: str = "shared") -> tuple[torch.Tensor, torch.Tensor]:
+def group_logprob_sums(
+    model: torch.nn.Module, groups: Sequence[Group], *, layout: str = "shared"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and scored-token counts of each group's responses, both (B, k_max).
 
     Slots past a group's own k hold 0 (sum) and 0 (length); the caller knows which exist.

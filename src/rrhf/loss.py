@@ -13,9 +13,15 @@ import torch
 SEMANTICS = ("paper", "official")
 
 
-def candidate_scores(logp_sums: torch.Tensor, lengths: torch.Tensor, *, semantics: str = "paper",
-                     length_penalty: float = 1.0, pad_lengths: torch.Tensor | None = None,
-                     valid: torch.Tensor | None = None) -> torch.Tensor:
+def candidate_scores(
+    logp_sums: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    semantics: str = "paper",
+    length_penalty: float = 1.0,
+    pad_lengths: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The policy's score p of each candidate, (B, k): its summed log-prob over denom ** length_penalty.
 
     denom is the response's own length ("paper", Eq. 1; an empty response counts as length 1) or the padded
@@ -69,8 +75,10 @@ def rrhf_loss(
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {SEMANTICS}, got {semantics!r}")
     if logp_sums.dim() != 2 or lengths.shape != logp_sums.shape or rewards.shape != logp_sums.shape:
-        raise ValueError(f"logp_sums, lengths and rewards must share one (B, k) shape, got "
-                         f"{tuple(logp_sums.shape)}, {tuple(lengths.shape)}, {tuple(rewards.shape)}")
+        raise ValueError(
+            f"logp_sums, lengths and rewards must share one (B, k) shape, got "
+            f"{tuple(logp_sums.shape)}, {tuple(lengths.shape)}, {tuple(rewards.shape)}"
+        )
     if valid is None:
         valid = torch.ones_like(logp_sums, dtype=torch.bool)
     valid = valid.to(device=logp_sums.device, dtype=torch.bool)
@@ -83,8 +91,9 @@ def rrhf_loss(
     if not rewards.is_floating_point():
         rewards = rewards.double()
 
-    scores = candidate_scores(logp, lengths, semantics=semantics, length_penalty=length_penalty,
-                              pad_lengths=pad_lengths, valid=valid)
+    scores = candidate_scores(
+        logp, lengths, semantics=semantics, length_penalty=length_penalty, pad_lengths=pad_lengths, valid=valid
+    )
 
     # pairs[b, i, j]: candidate i is ranked below candidate j (strictly lower reward), both valid.
     both = valid[:, :, None] & valid[:, None, :]

@@ -77,8 +77,10 @@ class Schedule:
         span = self.per_device * self.world
         padded = self.micro_batches_per_epoch * span
         order = (order * math.ceil(padded / len(order)))[:padded]
-        return [order[(m * self.world + self.rank) * self.per_device:(m * self.world + self.rank + 1) * self.per_device]
-                for m in range(self.micro_batches_per_epoch)]
+        return [
+            order[(m * self.world + self.rank) * self.per_device : (m * self.world + self.rank + 1) * self.per_device]
+            for m in range(self.micro_batches_per_epoch)
+        ]
 
     def prompts_for_steps(self, first: int, count: int) -> list[int]:
         """The prompts this rank trains on at optimiser steps first .. first + count - 1 (each once, sorted)."""
@@ -88,7 +90,7 @@ class Schedule:
             epoch, within = divmod(step, self.steps_per_epoch)
             if epoch not in epochs:
                 epochs[epoch] = self.micro_batches(epoch)
-            for batch in epochs[epoch][within * self.accumulation:(within + 1) * self.accumulation]:
+            for batch in epochs[epoch][within * self.accumulation : (within + 1) * self.accumulation]:
                 prompts.update(batch)
         return sorted(prompts)
 
@@ -126,22 +128,49 @@ class OnlineSettings:
     kl_coef: float = 0.0
     seed: int = 0
 
-    def candidates(self, records: list[dict[str, Any]], collator: RRHFCollator, model: torch.nn.Module,
-                   log_dir: Path, schedule: Schedule) -> OnlineCandidates:
+    def candidates(
+        self,
+        records: list[dict[str, Any]],
+        collator: RRHFCollator,
+        model: torch.nn.Module,
+        log_dir: Path,
+        schedule: Schedule,
+    ) -> OnlineCandidates:
         # rho is the model as loaded, before any training step (a resumed run loads checkpoint weights later).
         reference = copy.deepcopy(model).eval().requires_grad_(False) if self.kl_coef else None
-        return OnlineCandidates(records, self.rows, self.sampling, self.scorer, collator,
-                                refresh_steps=self.refresh_steps, kl_coef=self.kl_coef, reference=reference,
-                                seed=self.seed, log_dir=log_dir, schedule=schedule)
+        return OnlineCandidates(
+            records,
+            self.rows,
+            self.sampling,
+            self.scorer,
+            collator,
+            refresh_steps=self.refresh_steps,
+            kl_coef=self.kl_coef,
+            reference=reference,
+            seed=self.seed,
+            log_dir=log_dir,
+            schedule=schedule,
+        )
 
 
 class OnlineCandidates:
     """The training groups of an OP-k run, re-sampled and re-scored in place by `refresh`."""
 
-    def __init__(self, records: list[dict[str, Any]], rows: list[dict[str, Any]], sampling: Any, scorer: Any,
-                 collator: RRHFCollator, *, refresh_steps: int, kl_coef: float = 0.0,
-                 reference: torch.nn.Module | None = None, seed: int = 0, log_dir: Path,
-                 schedule: Schedule | None = None) -> None:
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        rows: list[dict[str, Any]],
+        sampling: Any,
+        scorer: Any,
+        collator: RRHFCollator,
+        *,
+        refresh_steps: int,
+        kl_coef: float = 0.0,
+        reference: torch.nn.Module | None = None,
+        seed: int = 0,
+        log_dir: Path,
+        schedule: Schedule | None = None,
+    ) -> None:
         if refresh_steps < 1:
             raise ValueError(f"sampling.refresh_steps must be at least 1, got {refresh_steps}")
         if kl_coef and reference is None:
@@ -169,7 +198,7 @@ class OnlineCandidates:
         returns their statistics."""
         s = self.sampling
         steps = self.refresh_steps if last_step is None else min(self.refresh_steps, last_step - step)
-        due = (self.schedule.prompts_for_steps(step, steps) if self.schedule else list(range(len(self.rows))))
+        due = self.schedule.prompts_for_steps(step, steps) if self.schedule else list(range(len(self.rows)))
         prompts = [self.rows[i]["prompt"] for i in due]
         sampled: list[list[str]] = []
         # A private RNG stream: the refresh draws the same at every attempt and leaves the training RNG
@@ -177,23 +206,33 @@ class OnlineCandidates:
         # by the step and its first prompt, whichever rank draws it.
         with eval_mode(model), torch.random.fork_rng(devices=[]):
             for start in range(0, len(due), s.batch_size):
-                sampled += generate_batch(model, self.tokenizer, prompts[start:start + s.batch_size], s,
-                                          seed=self.seed + step + due[start])
-        groups = [with_dataset_responses(responses, self.rows[i], s.dataset_responses)
-                  for responses, i in zip(sampled, due)]
+                sampled += generate_batch(
+                    model, self.tokenizer, prompts[start : start + s.batch_size], s, seed=self.seed + step + due[start]
+                )
+        groups = [
+            with_dataset_responses(responses, self.rows[i], s.dataset_responses) for responses, i in zip(sampled, due)
+        ]
         rewards = score_groups(self.scorer, prompts, groups)
         kls = self._log_ratios(model, prompts, groups) if self.kl_coef else [[0.0] * len(g) for g in groups]
         kept = []
         for i, prompt, group, rs, ks, n in zip(due, prompts, groups, rewards, kls, map(len, sampled)):
-            self.records[i] = {"query": prompt, "responses": group,
-                               "scores": [r - self.kl_coef * k for r, k in zip(rs, ks)]}
+            self.records[i] = {
+                "query": prompt,
+                "responses": group,
+                "scores": [r - self.kl_coef * k for r, k in zip(rs, ks)],
+            }
             kept.append({"index": i, **self.records[i], "rewards": rs, "log_ratios": ks, "sampled": n})
         self.log_dir.mkdir(parents=True, exist_ok=True)
         write_jsonl(self._log_file(step), kept)  # written whole or not at all: a resume reads it
         stats = _statistics(step, kept)
         tracking.log(stats, prefix="op_refresh")
-        log.info("OP-%d refresh at step %d: %d prompts, sampled reward mean %s", self.refresh_steps, step,
-                 len(due), stats.get("reward", {}).get("mean"))
+        log.info(
+            "OP-%d refresh at step %d: %d prompts, sampled reward mean %s",
+            self.refresh_steps,
+            step,
+            len(due),
+            stats.get("reward", {}).get("mean"),
+        )
         return stats
 
     def _log_ratios(self, model: torch.nn.Module, prompts: list[str], groups: list[list[str]]) -> list[list[float]]:
@@ -202,13 +241,18 @@ class OnlineCandidates:
         self.reference.to(next(model.parameters()).device)
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(prompts), _LOG_RATIO_BATCH):
-                batch = self.collator([{"query": p, "responses": g, "scores": [0.0] * len(g)}
-                                       for p, g in zip(prompts[start:start + _LOG_RATIO_BATCH],
-                                                       groups[start:start + _LOG_RATIO_BATCH])])
+                batch = self.collator(
+                    [
+                        {"query": p, "responses": g, "scores": [0.0] * len(g)}
+                        for p, g in zip(
+                            prompts[start : start + _LOG_RATIO_BATCH], groups[start : start + _LOG_RATIO_BATCH]
+                        )
+                    ]
+                )
                 pi, _ = group_logprob_sums(model, batch["groups"])
                 rho, _ = group_logprob_sums(self.reference, batch["groups"])
                 for row, (_, responses) in zip((pi - rho).tolist(), batch["groups"]):
-                    out.append(row[:len(responses)])
+                    out.append(row[: len(responses)])
         return out
 
     def resume_at(self, step: int) -> None:
@@ -221,8 +265,10 @@ class OnlineCandidates:
         if 0 < last < step:
             kept = self._log_file(last)
             if not kept.exists():
-                raise FileNotFoundError(f"{kept}: the refresh at step {last} that this run resumes from; an OP run "
-                                        "resumes with the number of ranks it started with")
+                raise FileNotFoundError(
+                    f"{kept}: the refresh at step {last} that this run resumes from; an OP run "
+                    "resumes with the number of ranks it started with"
+                )
             for row in read_jsonl(kept):
                 self.records[row["index"]] = {k: row[k] for k in ("query", "responses", "scores")}
 
@@ -232,26 +278,29 @@ class OnlineRRHFTrainer(RRHFTrainer):
     collated when their step runs."""
 
     def __init__(self, *args: Any, candidates: OnlineCandidates, collator: RRHFCollator, **kwargs: Any) -> None:
-        super().__init__(*args, train_dataset=list(range(len(candidates.records))), data_collator=_indices,
-                         **kwargs)
+        super().__init__(*args, train_dataset=list(range(len(candidates.records))), data_collator=_indices, **kwargs)
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         if self.args.fsdp or is_deepspeed_zero3_enabled():
             # Each rank generates its own prompts, so forward calls differ between ranks: sharded parameters,
             # gathered collectively at every forward, would deadlock.
-            raise ValueError("sampling=OP-k needs the whole model on every rank: use trainer=ddp or "
-                             "trainer=deepspeed_zero2, not fsdp or deepspeed_zero3")
+            raise ValueError(
+                "sampling=OP-k needs the whole model on every rank: use trainer=ddp or "
+                "trainer=deepspeed_zero2, not fsdp or deepspeed_zero3"
+            )
         self.candidates, self.collator = candidates, collator
         self._refreshed_at = -1
 
     def get_train_dataloader(self) -> DataLoader:
         # The schedule deals the batches to the ranks itself (what accelerate's sharding would do), so that a
         # refresh knows which prompts the coming steps train on.
-        return _ScheduledLoader(self.train_dataset, batch_sampler=_ScheduledBatches(self.candidates.schedule),
-                                collate_fn=_indices)
+        return _ScheduledLoader(
+            self.train_dataset, batch_sampler=_ScheduledBatches(self.candidates.schedule), collate_fn=_indices
+        )
 
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any],
-                      num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         step = self.state.global_step
         # The first micro-batch after optimiser step k*n re-samples; a run resumed at that step does too.
         if self.candidates.due(step) and self._refreshed_at != step:
@@ -263,8 +312,14 @@ class OnlineRRHFTrainer(RRHFTrainer):
 
 def run_schedule(num_prompts: int, args: Any) -> Schedule:
     """The Schedule of a training run with these TrainingArguments, for this process's rank."""
-    return Schedule(num_prompts, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                    args.data_seed if args.data_seed is not None else args.seed, world=world_size(), rank=rank())
+    return Schedule(
+        num_prompts,
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        args.data_seed if args.data_seed is not None else args.seed,
+        world=world_size(),
+        rank=rank(),
+    )
 
 
 def _indices(indices: list[int]) -> dict[str, list[int]]:
@@ -273,11 +328,10 @@ def _indices(indices: list[int]) -> dict[str, list[int]]:
 
 def _statistics(step: int, kept: list[dict[str, Any]]) -> dict[str, Any]:
     sampled = [row for row in kept if row["sampled"]]
-    ratios = [k for row in sampled for k in row["log_ratios"][:row["sampled"]]]
-    stats: dict[str, Any] = {"step": step, "prompts": len(kept),
-                             "log_ratio_mean": sum(ratios) / max(len(ratios), 1)}
+    ratios = [k for row in sampled for k in row["log_ratios"][: row["sampled"]]]
+    stats: dict[str, Any] = {"step": step, "prompts": len(kept), "log_ratio_mean": sum(ratios) / max(len(ratios), 1)}
     if sampled:
-        stats["reward"] = sample_statistics([row["rewards"][:row["sampled"]] for row in sampled])
+        stats["reward"] = sample_statistics([row["rewards"][: row["sampled"]] for row in sampled])
     return stats
 
 

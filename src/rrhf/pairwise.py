@@ -46,11 +46,14 @@ def dataset_slots(n_responses: int, dataset_responses: Sequence[str]) -> tuple[i
     """Positions of the data set's chosen and rejected responses in a group of `n_responses`."""
     fields = list(dataset_responses)
     if "chosen" not in fields or "rejected" not in fields:
-        raise ValueError(f"pairs=dataset needs the data set's chosen and rejected responses among the candidates: "
-                         f"sampling.dataset_responses is {fields}")
+        raise ValueError(
+            f"pairs=dataset needs the data set's chosen and rejected responses among the candidates: "
+            f"sampling.dataset_responses is {fields}"
+        )
     if n_responses < len(fields):
-        raise ValueError(f"a group of {n_responses} responses cannot end with the {len(fields)} data set "
-                         f"responses {fields}")
+        raise ValueError(
+            f"a group of {n_responses} responses cannot end with the {len(fields)} data set responses {fields}"
+        )
     start = n_responses - len(fields)
     return start + fields.index("chosen"), start + fields.index("rejected")
 
@@ -67,8 +70,9 @@ def group_pairs(scores: Sequence[float], pairs: str, *, dataset_responses: Seque
     raise ValueError(f"pairs must be one of {PAIRS}, got {pairs!r}")
 
 
-def pair_examples(records: Sequence[dict[str, Any]], pairs: str, *,
-                  dataset_responses: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def pair_examples(
+    records: Sequence[dict[str, Any]], pairs: str, *, dataset_responses: Sequence[str] = ()
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Training examples from {query, responses, scores} records, and what the pairing kept.
 
     An example is {query, responses, pairs}: the responses its pairs use (in group order) and the pairs as
@@ -82,13 +86,23 @@ def pair_examples(records: Sequence[dict[str, Any]], pairs: str, *,
             continue
         kept = sorted({i for pair in index for i in pair})
         slot = {i: n for n, i in enumerate(kept)}
-        examples.append({"query": record["query"], "responses": [record["responses"][i] for i in kept],
-                         "pairs": [[slot[c], slot[r]] for c, r in index]})
+        examples.append(
+            {
+                "query": record["query"],
+                "responses": [record["responses"][i] for i in kept],
+                "pairs": [[slot[c], slot[r]] for c, r in index],
+            }
+        )
         n_pairs += len(index)
         used += len(kept)
-    stats = {"pairs_rule": pairs, "prompts": len(records), "prompts_with_pairs": len(examples),
-             "skipped_ties": skipped, "pairs": n_pairs,
-             "responses_used_per_prompt": used / len(records) if records else 0.0}
+    stats = {
+        "pairs_rule": pairs,
+        "prompts": len(records),
+        "prompts_with_pairs": len(examples),
+        "skipped_ties": skipped,
+        "pairs": n_pairs,
+        "responses_used_per_prompt": used / len(records) if records else 0.0,
+    }
     return examples, stats
 
 
@@ -101,34 +115,55 @@ class PairwiseCollator:
     input handling), or None when the examples carry none.
     """
 
-    def __init__(self, tokenizer, *, semantics: str = "paper", model_max_length: int = 192,
-                 max_prompt_tokens: int = 256, max_response_tokens: int = 128) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        *,
+        semantics: str = "paper",
+        model_max_length: int = 192,
+        max_prompt_tokens: int = 256,
+        max_response_tokens: int = 128,
+    ) -> None:
         self.tokenizer = tokenizer
-        self.limits = dict(semantics=semantics, model_max_length=model_max_length,
-                           max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens)
+        self.limits = dict(
+            semantics=semantics,
+            model_max_length=model_max_length,
+            max_prompt_tokens=max_prompt_tokens,
+            max_response_tokens=max_response_tokens,
+        )
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         groups, index = [], []
         for b, example in enumerate(examples):
-            t = tokenize_example({**example, "scores": [0.0] * len(example["responses"])}, self.tokenizer,
-                                 **self.limits)
-            groups.append((torch.tensor(t["query_ids"], dtype=torch.long),
-                           [torch.tensor(r, dtype=torch.long) for r in t["responses_ids"]]))
+            t = tokenize_example(
+                {**example, "scores": [0.0] * len(example["responses"])}, self.tokenizer, **self.limits
+            )
+            groups.append(
+                (
+                    torch.tensor(t["query_ids"], dtype=torch.long),
+                    [torch.tensor(r, dtype=torch.long) for r in t["responses_ids"]],
+                )
+            )
             index += [[b, c, r] for c, r in example["pairs"]]
         reference = [e["reference"] for e in examples] if all("reference" in e for e in examples) else None
-        return {"groups": groups, "pairs": torch.tensor(index, dtype=torch.long).reshape(-1, 3),
-                "reference": reference}
+        return {"groups": groups, "pairs": torch.tensor(index, dtype=torch.long).reshape(-1, 3), "reference": reference}
 
 
-def reference_sums(model: torch.nn.Module, collator: PairwiseCollator, examples: Sequence[dict[str, Any]], *,
-                   batch_size: int, layout: str = "shared") -> list[list[float]]:
+def reference_sums(
+    model: torch.nn.Module,
+    collator: PairwiseCollator,
+    examples: Sequence[dict[str, Any]],
+    *,
+    batch_size: int,
+    layout: str = "shared",
+) -> list[list[float]]:
     """Summed log-probs of every example's responses under `model` (no gradient), example by example."""
     out: list[list[float]] = []
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
-            chunk = examples[start:start + batch_size]
+            chunk = examples[start : start + batch_size]
             sums, _ = group_logprob_sums(model, collator(chunk)["groups"], layout=layout)
-            out += [sums[b, :len(e["responses"])].double().tolist() for b, e in enumerate(chunk)]
+            out += [sums[b, : len(e["responses"])].double().tolist() for b, e in enumerate(chunk)]
     return out
 
 
@@ -143,10 +178,19 @@ class PairwiseLossOutput:
     margin: torch.Tensor
 
 
-def pairwise_loss(loss: str, chosen: torch.Tensor, rejected: torch.Tensor, chosen_lengths: torch.Tensor,
-                  rejected_lengths: torch.Tensor, *, beta: float, gamma: float = 0.0, alpha: float = 0.0,
-                  ref_chosen: torch.Tensor | None = None, ref_rejected: torch.Tensor | None = None
-                  ) -> PairwiseLossOutput:
+def pairwise_loss(
+    loss: str,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float = 0.0,
+    alpha: float = 0.0,
+    ref_chosen: torch.Tensor | None = None,
+    ref_rejected: torch.Tensor | None = None,
+) -> PairwiseLossOutput:
     """The loss of `loss` ("dpo", "simpo" or "cpo") over P pairs, as the module docstring writes it.
 
     chosen, rejected: summed response log-probs (P,); *_lengths: their token counts (P,); ref_*: the
@@ -155,16 +199,19 @@ def pairwise_loss(loss: str, chosen: torch.Tensor, rejected: torch.Tensor, chose
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     if chosen.dim() != 1 or chosen.shape != rejected.shape or chosen.numel() == 0:
-        raise ValueError(f"chosen and rejected must share one non-empty (P,) shape, got {tuple(chosen.shape)} and "
-                         f"{tuple(rejected.shape)}")
+        raise ValueError(
+            f"chosen and rejected must share one non-empty (P,) shape, got {tuple(chosen.shape)} and "
+            f"{tuple(rejected.shape)}"
+        )
     nll = chosen.new_zeros(())
     if loss == "dpo":
         if ref_chosen is None or ref_rejected is None:
             raise ValueError("DPO needs the reference model's log-probs of the chosen and rejected responses")
         margin = beta * ((chosen - ref_chosen.to(chosen)) - (rejected - ref_rejected.to(rejected)))
     elif loss == "simpo":
-        margin = beta * (chosen / chosen_lengths.to(chosen).clamp_min(1.0)
-                         - rejected / rejected_lengths.to(rejected).clamp_min(1.0))
+        margin = beta * (
+            chosen / chosen_lengths.to(chosen).clamp_min(1.0) - rejected / rejected_lengths.to(rejected).clamp_min(1.0)
+        )
     else:
         margin = beta * (chosen - rejected)
         nll = -chosen.sum() / chosen_lengths.to(chosen).sum().clamp_min(1.0)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrhf import hub, placement, tracking
 from rrhf.artifacts import run_stage, write_json_atomic
+from rrhf.config_checks import ConfigError
 from rrhf.data import read_jsonl
 from rrhf.launch import crash_point, rank, world_size
 from rrhf.pairwise import LOSSES as PAIRWISE
@@ -102,8 +103,11 @@ def measured(work: Path) -> Iterator[None]:
     if rank() != 0:  # rank 0's cost stands for the launch
         return
     # The process may hold memory from earlier runs of a sweep: rss_at_start_mib tells how much.
-    cost = {"seconds": round(time.time() - started, 2), "peak_rss_mib": round(peak[0] / 2**20, 1),
-            "rss_at_start_mib": round(start_rss / 2**20, 1)}
+    cost = {
+        "seconds": round(time.time() - started, 2),
+        "peak_rss_mib": round(peak[0] / 2**20, 1),
+        "rss_at_start_mib": round(start_rss / 2**20, 1),
+    }
     if cuda:
         cost["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     write_json_atomic(work / "cost.json", cost)
@@ -123,8 +127,13 @@ def _set_threads(cfg: DictConfig) -> None:
 def _load_policy(cfg: DictConfig, path: str, where: Placement, *, authors_pad: bool = False):
     from rrhf.assets import load_causal_lm
 
-    return load_causal_lm(path, placement=where, trust_remote_code=cfg.model.trust_remote_code,
-                          device_map=cfg.get("device_map"), authors_pad=authors_pad)
+    return load_causal_lm(
+        path,
+        placement=where,
+        trust_remote_code=cfg.model.trust_remote_code,
+        device_map=cfg.get("device_map"),
+        authors_pad=authors_pad,
+    )
 
 
 def _reward_placement(cfg: DictConfig) -> Placement:
@@ -140,9 +149,14 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     from rrhf.sampling import generation_settings
 
     where = placement.from_config(cfg, dtype=s.get("dtype"))
-    inputs = {"stage": "sample", "task": _task_key(cfg, "train"), "model": _model_key(model_path),
-              "sampling": generation_settings(_plain(s)), "placement": where.key(),
-              "seed": cfg.seed if s.generator in ("top_p", "top_k") else None}
+    inputs = {
+        "stage": "sample",
+        "task": _task_key(cfg, "train"),
+        "model": _model_key(model_path),
+        "sampling": generation_settings(_plain(s)),
+        "placement": where.key(),
+        "seed": cfg.seed if s.generator in ("top_p", "top_k") else None,
+    }
 
     def build(work: Path) -> None:
         from rrhf.sampling import sample_candidates
@@ -166,9 +180,14 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
     # keys they had as groups of their own.
     train_on, pad_over_group = s.get("train_on", "all"), bool(s.get("pad_over_group"))
     where = _reward_placement(cfg)
-    inputs = {"stage": "score", "task": _task_key(cfg, "train"), "sampled": sampled.name if sampled else None,
-              "dataset_responses": [] if train_on == "sampled" else list(s.dataset_responses),
-              "reward": _reward_key(cfg), "placement": where.key()}
+    inputs = {
+        "stage": "score",
+        "task": _task_key(cfg, "train"),
+        "sampled": sampled.name if sampled else None,
+        "dataset_responses": [] if train_on == "sampled" else list(s.dataset_responses),
+        "reward": _reward_key(cfg),
+        "placement": where.key(),
+    }
     if pad_over_group:
         inputs |= {"train_on": train_on, "pad_over_group": True}
 
@@ -180,17 +199,29 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
 
         rows = _prompts(cfg, "train")
         generated = read_candidates(sampled / "candidates.jsonl") if sampled else {}
-        groups = [training_group(generated.get(i, []), row, s.dataset_responses, train_on=train_on,
-                                 pad_over_group=pad_over_group) for i, row in enumerate(rows)]
+        groups = [
+            training_group(
+                generated.get(i, []), row, s.dataset_responses, train_on=train_on, pad_over_group=pad_over_group
+            )
+            for i, row in enumerate(rows)
+        ]
         with measured(work):
             scorer = build_scorer(cfg.reward, where)
-            scores = score_groups(scorer, [row["prompt"] for row in rows], [group for group, _ in groups],
-                                  score=lambda prompts, responses: score_in_shards(
-                                      scorer, prompts, responses, work, "scores", desc="scoring candidates",
-                                      crash_stage="score"))
-        write_training_file(work / "train.jsonl", ({"query": row["prompt"], "responses": group, "scores": sc,
-                                                    "pad_responses": rest}
-                                                   for row, (group, rest), sc in zip(rows, groups, scores)))
+            scores = score_groups(
+                scorer,
+                [row["prompt"] for row in rows],
+                [group for group, _ in groups],
+                score=lambda prompts, responses: score_in_shards(
+                    scorer, prompts, responses, work, "scores", desc="scoring candidates", crash_stage="score"
+                ),
+            )
+        write_training_file(
+            work / "train.jsonl",
+            (
+                {"query": row["prompt"], "responses": group, "scores": sc, "pad_responses": rest}
+                for row, (group, rest), sc in zip(rows, groups, scores)
+            ),
+        )
         n_sampled = [0 if train_on == "provided" else len(generated.get(i, [])) for i in range(len(rows))]
         stats = {"all": sample_statistics(scores)}
         if any(n_sampled):
@@ -237,8 +268,9 @@ def sft_data_stage(cfg: DictConfig) -> Path:
         from rrhf.data import load_split, write_training_file
 
         rows = load_split(source, "train", limit=cfg.task.train_size) if source else _prompts(cfg, "train")
-        write_training_file(work / "train.jsonl",
-                            ({"query": r["prompt"], "responses": [r["chosen"]], "scores": [1.0]} for r in rows))
+        write_training_file(
+            work / "train.jsonl", ({"query": r["prompt"], "responses": [r["chosen"]], "scores": [1.0]} for r in rows)
+        )
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build)
     return folder
@@ -250,15 +282,29 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
     method_args = _plain(cfg.method.train_args)
     where = placement.from_config(cfg)
     if cfg.method.name in PAIRWISE:  # DPO, SimPO, CPO: the loss, and which pairs the groups give
-        method_args |= {"loss": cfg.method.name, "pairs": cfg.method.pairs,
-                        "dataset_responses": list(cfg.sampling.get("dataset_responses") or [])}
-    inputs = {"stage": "train", "model": _model_key(model_path), "scored": scored.name, "trainer": trainer_args,
-              "method": method_args, "seed": cfg.seed, "device": where.device.type,
-              "world_size": world_size()}  # ranks multiply the batch
+        method_args |= {
+            "loss": cfg.method.name,
+            "pairs": cfg.method.pairs,
+            "dataset_responses": list(cfg.sampling.get("dataset_responses") or []),
+        }
+    inputs = {
+        "stage": "train",
+        "model": _model_key(model_path),
+        "scored": scored.name,
+        "trainer": trainer_args,
+        "method": method_args,
+        "seed": cfg.seed,
+        "device": where.device.type,
+        "world_size": world_size(),
+    }  # ranks multiply the batch
     if online:
         reward_where = _reward_placement(cfg)
-        inputs["online"] = {"task": _task_key(cfg, "train"), "sampling": _plain(cfg.sampling),
-                            "reward": _reward_key(cfg), "reward_placement": reward_where.key()}
+        inputs["online"] = {
+            "task": _task_key(cfg, "train"),
+            "sampling": _plain(cfg.sampling),
+            "reward": _reward_key(cfg),
+            "reward_placement": reward_where.key(),
+        }
 
     def build(work: Path) -> None:
         from transformers import TrainerCallback
@@ -273,23 +319,36 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
 
         # A method's own training settings (e.g. sft's learning rate) win over the profile's.
         arguments = PairwiseArguments if cfg.method.name in PAIRWISE else RRHFArguments
-        args = arguments(output_dir=str(work / "checkpoints"), seed=cfg.seed,
-                         **placement.trainer_device_args(trainer_args | method_args, where.device))
+        args = arguments(
+            output_dir=str(work / "checkpoints"),
+            seed=cfg.seed,
+            **placement.trainer_device_args(trainer_args | method_args, where.device),
+        )
         settings = None
         if online:
             from rrhf.online import OnlineSettings
             from rrhf.reward import build_scorer
 
-            settings = OnlineSettings(rows=_prompts(cfg, "train"), sampling=cfg.sampling,
-                                      scorer=build_scorer(cfg.reward, reward_where),
-                                      refresh_steps=int(cfg.sampling.refresh_steps),
-                                      kl_coef=float(cfg.sampling.get("kl_coef") or 0.0), seed=cfg.seed)
+            settings = OnlineSettings(
+                rows=_prompts(cfg, "train"),
+                sampling=cfg.sampling,
+                scorer=build_scorer(cfg.reward, reward_where),
+                refresh_steps=int(cfg.sampling.refresh_steps),
+                kl_coef=float(cfg.sampling.get("kl_coef") or 0.0),
+                seed=cfg.seed,
+            )
         with measured(work):
-            train(resolve_model(model_path), scored / "train.jsonl", work, args=args, callbacks=[CrashAfterSave()],
-                  online=settings, trust_remote_code=cfg.model.trust_remote_code)
+            train(
+                resolve_model(model_path),
+                scored / "train.jsonl",
+                work,
+                args=args,
+                callbacks=[CrashAfterSave()],
+                online=settings,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
 
-    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True,
-                          resume_state="checkpoints")
+    folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True, resume_state="checkpoints")
     return folder / "model"
 
 
@@ -297,9 +356,16 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
     """Fine-tune the policy with PPO (the trlX ppo_hh settings by default) on the training prompts."""
     settings = _plain(cfg.method.ppo)
     where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
-    inputs = {"stage": "ppo", "model": _model_key(model_path), "task": _task_key(cfg, "train"), "ppo": settings,
-              "reward": _reward_key(cfg), "seed": cfg.seed, "placement": where.key(),
-              "reward_placement": reward_where.key()}
+    inputs = {
+        "stage": "ppo",
+        "model": _model_key(model_path),
+        "task": _task_key(cfg, "train"),
+        "ppo": settings,
+        "reward": _reward_key(cfg),
+        "seed": cfg.seed,
+        "placement": where.key(),
+        "reward_placement": reward_where.key(),
+    }
 
     def build(work: Path) -> None:
         from rrhf.ppo import PPOConfig, train_ppo
@@ -309,12 +375,22 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
         # Delta reward against the data set's chosen response (trlX ppo_hh), where the task has one.
         references = [r.get("chosen") or "" for r in rows] if all(r.get("chosen") for r in rows) else None
         # trlX joins prompt and output as they are for its reward model (paper-notes section 7).
-        reward = OmegaConf.merge(cfg.reward, {"separator": settings["reward_separator"]}) \
-            if "separator" in cfg.reward else cfg.reward
+        reward = (
+            OmegaConf.merge(cfg.reward, {"separator": settings["reward_separator"]})
+            if "separator" in cfg.reward
+            else cfg.reward
+        )
         with measured(work):
-            train_ppo(model_path, [r["prompt"] for r in rows], references, build_scorer(reward, reward_where), work,
-                      PPOConfig(**settings, seed=cfg.seed), where=where,
-                      trust_remote_code=cfg.model.trust_remote_code)
+            train_ppo(
+                model_path,
+                [r["prompt"] for r in rows],
+                references,
+                build_scorer(reward, reward_where),
+                work,
+                PPOConfig(**settings, seed=cfg.seed),
+                where=where,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build, resume_state="checkpoint")
     return folder / "model"
@@ -350,9 +426,15 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
     """Responses to the test prompts (see `Evaluated`), their mean reward and their perplexity under the judge."""
     e = cfg.eval
     where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
-    inputs = {"stage": "evaluate", "policy": target.key, "task": _task_key(cfg, "test"),
-              "eval": _plain(e) | {"judge_id": _model_key(e.judge)}, "reward": _reward_key(cfg),
-              "placement": where.key(), "reward_placement": reward_where.key()}
+    inputs = {
+        "stage": "evaluate",
+        "policy": target.key,
+        "task": _task_key(cfg, "test"),
+        "eval": _plain(e) | {"judge_id": _model_key(e.judge)},
+        "reward": _reward_key(cfg),
+        "placement": where.key(),
+        "reward_placement": reward_where.key(),
+    }
 
     def build(work: Path) -> None:
         from rrhf.assets import load_causal_lm
@@ -379,47 +461,92 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         elif target.kind == "best_of_n":
             m = cfg.method
             model, tokenizer = _load_policy(cfg, target.source, where)
-            responses = best_of_n_responses(model, tokenizer, prompts, scorer, n=m.n, max_new_tokens=e.max_new_tokens,
-                                            temperature=m.temperature, top_p=m.top_p, batch_size=m.batch_size,
-                                            max_prompt_tokens=e.max_prompt_tokens, seed=cfg.seed,
-                                            min_new_tokens=e.get("min_new_tokens", 0), cut=cut,
-                                            mapper=shard_mapper(work, "best_of_n", crash_stage="evaluate"))
+            responses = best_of_n_responses(
+                model,
+                tokenizer,
+                prompts,
+                scorer,
+                n=m.n,
+                max_new_tokens=e.max_new_tokens,
+                temperature=m.temperature,
+                top_p=m.top_p,
+                batch_size=m.batch_size,
+                max_prompt_tokens=e.max_prompt_tokens,
+                seed=cfg.seed,
+                min_new_tokens=e.get("min_new_tokens", 0),
+                cut=cut,
+                mapper=shard_mapper(work, "best_of_n", crash_stage="evaluate"),
+            )
             del model
         elif target.kind == "policy":
             model, tokenizer = _load_policy(cfg, target.source, where)
-            raw = greedy_responses(model, tokenizer, prompts, max_new_tokens=e.max_new_tokens,
-                                   batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens,
-                                   min_new_tokens=e.get("min_new_tokens", 0),
-                                   mapper=shard_mapper(work, "greedy", crash_stage="evaluate"))
+            raw = greedy_responses(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size,
+                max_prompt_tokens=e.max_prompt_tokens,
+                min_new_tokens=e.get("min_new_tokens", 0),
+                mapper=shard_mapper(work, "greedy", crash_stage="evaluate"),
+            )
             responses = [stop_cut(r) for r in raw] if cut else raw
             pairs = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows if r.get("rejected") is not None]
             if e.rm_accuracy and pairs:
                 length_penalty = float(cfg.method.train_args.get("length_penalty", 1.0))
-                scores = policy_scores(model, tokenizer, pairs, model_max_length=e.model_max_length,
-                                       max_prompt_tokens=e.max_prompt_tokens, max_response_tokens=e.max_new_tokens,
-                                       length_penalty=length_penalty, mapper=shard_mapper(work, "policy_scores"))
+                scores = policy_scores(
+                    model,
+                    tokenizer,
+                    pairs,
+                    model_max_length=e.model_max_length,
+                    max_prompt_tokens=e.max_prompt_tokens,
+                    max_response_tokens=e.max_new_tokens,
+                    length_penalty=length_penalty,
+                    mapper=shard_mapper(work, "policy_scores"),
+                )
                 for semantics, (chosen, rejected) in scores.items():
                     metrics[f"rm_accuracy_{semantics}"] = preference_accuracy(chosen, rejected)
             if e.get("reference_ppl") and all(r.get("reference") for r in rows):
-                metrics["reference_ppl"] = reference_perplexity(model, tokenizer, [r["reference"] for r in rows],
-                                                                stride=e.reference_ppl_stride)
+                metrics["reference_ppl"] = reference_perplexity(
+                    model, tokenizer, [r["reference"] for r in rows], stride=e.reference_ppl_stride
+                )
             del model
         else:
             raise ValueError(f"unknown evaluation target {target}")
         rewards = score_in_shards(scorer, prompts, responses, work, "rewards", desc="scoring responses")
         judge, judge_tokenizer = load_causal_lm(e.judge, placement=where)
-        ppl = {mode: perplexities(responses, judge, judge_tokenizer, mode=mode, batch_size=e.ppl_batch_size,
-                                  mapper=shard_mapper(work, f"ppl_{mode}"))
-               for mode in ("paper", "exact")}
-        write_jsonl(work / "responses.jsonl", ({"prompt": prompt, "response": responses[i], "reward": rewards[i],
-                                                "ppl_paper": ppl["paper"][i], "ppl_exact": ppl["exact"][i]}
-                                               for i, prompt in enumerate(prompts)))
+        ppl = {
+            mode: perplexities(
+                responses,
+                judge,
+                judge_tokenizer,
+                mode=mode,
+                batch_size=e.ppl_batch_size,
+                mapper=shard_mapper(work, f"ppl_{mode}"),
+            )
+            for mode in ("paper", "exact")
+        }
+        write_jsonl(
+            work / "responses.jsonl",
+            (
+                {
+                    "prompt": prompt,
+                    "response": responses[i],
+                    "reward": rewards[i],
+                    "ppl_paper": ppl["paper"][i],
+                    "ppl_exact": ppl["exact"][i],
+                }
+                for i, prompt in enumerate(prompts)
+            ),
+        )
         # Empty responses (after the stop cut) are scored like any other (`perplexities`: the judge's EOS
         # alone where its tokenizer has no token for them) and counted here.
-        metrics |= {"empty_responses": sum(not r.strip() for r in responses),
-                    "reward": sum(rewards) / len(rewards),
-                    "ppl_paper": sum(ppl["paper"]) / len(responses),
-                    "ppl_exact": sum(ppl["exact"]) / len(responses)}
+        metrics |= {
+            "empty_responses": sum(not r.strip() for r in responses),
+            "reward": sum(rewards) / len(rewards),
+            "ppl_paper": sum(ppl["paper"]) / len(responses),
+            "ppl_exact": sum(ppl["exact"]) / len(responses),
+        }
         write_json_atomic(work / "metrics.json", metrics)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "evaluate", inputs, build, all_ranks=True)
@@ -439,11 +566,45 @@ def initial_policy(cfg: DictConfig) -> str:
     return str(trained)
 
 
+# Beside metrics.json: the launch shape that made it. The results folder is named by the overrides alone while
+# the stage artifacts (and so the numbers) depend on the number of processes too.
+LAUNCH_FILE = "launch.json"
+
+
+class RunFolderTaken(ConfigError):
+    """The run folder holds a finished run of another launch shape, which this launch must not overwrite."""
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse a launch whose process count differs from that of the finished run in `run_dir` (RunFolderTaken).
+
+    A run finished before launch shapes were recorded (no launch.json) is not checked.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.json").exists():
+        return
+    try:
+        recorded = json.loads((run_dir / LAUNCH_FILE).read_text())["world_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = world_size()
+    if recorded == now:
+        return
+    how = "plain `python run.py ...`" if recorded == 1 else f"`torchrun --nproc-per-node={recorded} run.py ...`"
+    raise RunFolderTaken(
+        f"{run_dir}: holds a finished run of a {recorded}-process launch ({run_dir / LAUNCH_FILE}), and this launch "
+        f"has {now} process(es). Its numbers would differ (the stage artifacts depend on the process count), so "
+        f"its metrics.json is not overwritten. Rerun it as it was launched ({how}), give this launch its own "
+        f"folder (another name=... or paths.results=...), or delete {run_dir / 'metrics.json'} to replace it"
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Run every stage the config asks for and write `metrics.json` into the run folder."""
     from rrhf.config_checks import check_config, check_launch
     from rrhf.ppo import PPOConfig
 
+    check_run_folder(run_dir)  # before anything else: a finished run of another launch shape stays as it is
     plain = check_config(cfg, ppo=PPOConfig, launch=False)  # the whole config, before any stage loads a model
     _set_threads(cfg)
     hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
@@ -451,22 +612,25 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
     model_path = initial_policy(cfg)
-    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, Evaluated.policy(model_path,
-                                                                                f"model:{_model_key(model_path)}"))}
+    metrics: dict[str, Any] = {
+        "initial": evaluate_stage(cfg, Evaluated.policy(model_path, f"model:{_model_key(model_path)}"))
+    }
     if cfg.eval.dataset_responses:
         fields = ("chosen",) if cfg.task.get("format") == "imdb_prefix" else ("chosen", "rejected")
         metrics["dataset"] = {field: evaluate_stage(cfg, Evaluated.dataset(field)) for field in fields}
         if len(fields) == 2:  # the reward model's own accuracy on the test pairs (Table 5's first row)
-            chosen, rejected = (read_jsonl(Path(metrics["dataset"][f]["artifact"]) / "responses.jsonl")
-                                for f in fields)
+            chosen, rejected = (read_jsonl(Path(metrics["dataset"][f]["artifact"]) / "responses.jsonl") for f in fields)
             metrics["reward_model_accuracy"] = sum(c["reward"] > r["reward"] for c, r in zip(chosen, rejected)) / len(
-                chosen)
+                chosen
+            )
     costs: dict[str, Any] = {}  # the cost of producing the final policy, stage by stage
     if cfg.method.name in ("rrhf", *PAIRWISE):  # DPO, SimPO and CPO train on the candidates RRHF trains on
         online = bool(cfg.sampling.get("refresh_steps"))
         if online and cfg.method.name != "rrhf":
-            raise ValueError(f"method={cfg.method.name} trains on fixed candidates; sampling={cfg.sampling.name} "
-                             "re-samples while training, which only method=rrhf does")
+            raise ValueError(
+                f"method={cfg.method.name} trains on fixed candidates; sampling={cfg.sampling.name} "
+                "re-samples while training, which only method=rrhf does"
+            )
         # IP-n: iteration k samples with, and trains from, the model of iteration k-1 (one pass otherwise).
         policy, metrics["iterations"] = model_path, []
         for i in range(int(cfg.sampling.get("iterations", 1))):
@@ -474,13 +638,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             scored = score_stage(cfg, policy, sampled)
             trained = train_stage(cfg, policy, scored, online=online)
             policy = str(trained)
-            costs |= {f"{name}_{i + 1}": stage_cost(folder)
-                      for name, folder in (("sample", sampled), ("score", scored), ("train", trained.parent)) if folder}
+            costs |= {
+                f"{name}_{i + 1}": stage_cost(folder)
+                for name, folder in (("sample", sampled), ("score", scored), ("train", trained.parent))
+                if folder
+            }
             iteration = {
                 "samples": json.loads((scored / "stats.json").read_text()),
                 "candidates": str(scored / "train.jsonl"),
                 "trained": evaluate_stage(cfg, Evaluated.policy(policy, f"train:{trained.parent.name}")),
-                "train_log": str(trained.parent / "log_history.json")}
+                "train_log": str(trained.parent / "log_history.json"),
+            }
             if online:
                 from rrhf.online import refresh_statistics
 
@@ -489,11 +657,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         metrics |= {k: metrics["iterations"][-1][k] for k in ("samples", "candidates", "trained", "train_log")}
         metrics["final"] = metrics["trained"]
     elif cfg.method.name in ("sft", "ppo"):
-        trained = train_stage(cfg, model_path, sft_data_stage(cfg)) if cfg.method.name == "sft" else ppo_stage(
-            cfg, model_path)
+        trained = (
+            train_stage(cfg, model_path, sft_data_stage(cfg))
+            if cfg.method.name == "sft"
+            else ppo_stage(cfg, model_path)
+        )
         costs["train_1"] = stage_cost(trained.parent)
-        metrics["trained"] = evaluate_stage(cfg, Evaluated.policy(str(trained),
-                                                                  f"{trained.parent.parent.name}:{trained.parent.name}"))
+        metrics["trained"] = evaluate_stage(
+            cfg, Evaluated.policy(str(trained), f"{trained.parent.parent.name}:{trained.parent.name}")
+        )
         metrics["train_log"] = str(trained.parent / "log_history.json")
         metrics["final"] = metrics["trained"]
     elif cfg.method.name == "best_of_n":
@@ -505,10 +677,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, dpo, simpo, cpo, sft, ppo, best_of_n, none")
     if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
         return metrics
+    write_json_atomic(run_dir / LAUNCH_FILE, {"world_size": world_size()})  # first: it describes the metrics
     write_json_atomic(run_dir / "metrics.json", metrics)
     tracking.finish(metrics)
     # Kept apart from metrics.json, which is a pure function of the config and seed.
     write_json_atomic(run_dir / "timing.json", {"wall_seconds": round(time.time() - started, 2), "stages": costs})
-    log.info("metrics: reward %.4f -> %.4f, ppl(paper) %.2f -> %.2f", metrics["initial"]["reward"],
-             metrics["final"]["reward"], metrics["initial"]["ppl_paper"], metrics["final"]["ppl_paper"])
+    log.info(
+        "metrics: reward %.4f -> %.4f, ppl(paper) %.2f -> %.2f",
+        metrics["initial"]["reward"],
+        metrics["final"]["reward"],
+        metrics["initial"]["ppl_paper"],
+        metrics["final"]["ppl_paper"],
+    )
     return metrics

@@ -18,8 +18,11 @@ def training_curves(log_history: list[dict[str, Any]], title: str, out: Path) ->
     PPO: mean reward of the round's samples and their KL to the initial policy over rounds."""
     ppo = any("round" in e for e in log_history)
     x, ylabel = ("round", "value") if ppo else ("step", "loss")
-    series = ((("mean_score", "reward of the samples"), ("mean_kl", "KL to the initial policy")) if ppo else
-              (("loss", "loss"), ("rank_loss", "rank part"), ("sft_loss", "SFT part")))
+    series = (
+        (("mean_score", "reward of the samples"), ("mean_kl", "KL to the initial policy"))
+        if ppo
+        else (("loss", "loss"), ("rank_loss", "rank part"), ("sft_loss", "SFT part"))
+    )
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, label in series:
         points = [(e[x], e[key]) for e in log_history if key in e and x in e]

@@ -89,8 +89,9 @@ class PPOConfig:
 # The algorithm's pieces
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimates and returns over right-padded [batch, tokens] rows.
 
     A padded position has no value, so the last real token bootstraps from 0 (the episode ends there).
@@ -167,9 +168,19 @@ class RunningMoments:
         self.count = total
 
 
-def ppo_loss(logprobs: torch.Tensor, values: torch.Tensor, old_logprobs: torch.Tensor, old_values: torch.Tensor,
-             advantages: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, cliprange: float,
-             cliprange_value: float, vf_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+def ppo_loss(
+    logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy-gradient loss plus clipped value loss, each a mean over the unmasked tokens."""
     mask = mask.to(logprobs.dtype)
     n = mask.sum()
@@ -222,7 +233,7 @@ def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int) -> None:
     if num_layers_unfrozen < 0:
         return
     blocks = list(decoder_blocks(model))
-    frozen = blocks[:len(blocks) - num_layers_unfrozen] + [model.get_input_embeddings()]
+    frozen = blocks[: len(blocks) - num_layers_unfrozen] + [model.get_input_embeddings()]
     if num_layers_unfrozen == 0:
         frozen.append(model.get_output_embeddings())
     for module in frozen:
@@ -232,8 +243,14 @@ def freeze_bottom_layers(model: nn.Module, num_layers_unfrozen: int) -> None:
 _Maybe = torch.Tensor | None
 
 
-def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int, head: nn.Module | None = None,
-             *, whole_rows: bool = False) -> tuple[torch.Tensor, _Maybe, torch.Tensor, _Maybe]:
+def _forward(
+    model: nn.Module,
+    rows: list[tuple[list[int], list[int]]],
+    pad: int,
+    head: nn.Module | None = None,
+    *,
+    whole_rows: bool = False,
+) -> tuple[torch.Tensor, _Maybe, torch.Tensor, _Maybe]:
     """Log-probabilities (and values) of each row's response tokens: [batch, longest response] + mask.
 
     Rows are prompt + response, right-padded, so positions count from 0 as they did in generation. The
@@ -247,13 +264,17 @@ def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int
     ids = torch.full((len(rows), max(lengths)), pad, dtype=torch.long)
     attention = torch.zeros_like(ids)
     for b, (p, r) in enumerate(rows):
-        ids[b, :lengths[b]] = torch.tensor(p + r)
-        attention[b, :lengths[b]] = 1
+        ids[b, : lengths[b]] = torch.tensor(p + r)
+        attention[b, : lengths[b]] = 1
     ids, attention = ids.to(device), attention.to(device)
     # Only the positions from the earliest response on need logits; the rest would cost vocab-sized rows.
     first = 0 if whole_rows else min(len(p) for p, _ in rows) - 1
-    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=head is not None,
-                logits_to_keep=ids.shape[1] - first)
+    out = model(
+        input_ids=ids,
+        attention_mask=attention,
+        output_hidden_states=head is not None,
+        logits_to_keep=ids.shape[1] - first,
+    )
     width = max(len(r) for _, r in rows)
     steps = torch.arange(width, device=device)
     positions = torch.stack([len(p) - 1 + steps for p, _ in rows]).clamp(max=ids.shape[1] - 1)
@@ -268,8 +289,15 @@ def _forward(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int
         values = head(hidden.float()).squeeze(-1) * mask
     row_logprobs = None
     if whole_rows:  # one row at a time: a [tokens, vocab] float copy, not [batch, tokens, vocab]
-        row_logprobs = torch.stack([out.logits[b, :-1].float().log_softmax(-1).gather(-1, ids[b, 1:, None])
-                                    .squeeze(-1) for b in range(len(rows))]) * attention[:, 1:]
+        row_logprobs = (
+            torch.stack(
+                [
+                    out.logits[b, :-1].float().log_softmax(-1).gather(-1, ids[b, 1:, None]).squeeze(-1)
+                    for b in range(len(rows))
+                ]
+            )
+            * attention[:, 1:]
+        )
     return logprobs, values, mask, row_logprobs
 
 
@@ -298,7 +326,7 @@ def response_tokens(tokenizer, new_ids: list[int]) -> tuple[list[int], str]:
     eos = tokenizer.eos_token_id
     ended = eos in new_ids
     if ended:
-        new_ids = new_ids[:new_ids.index(eos)]  # what follows is padding
+        new_ids = new_ids[: new_ids.index(eos)]  # what follows is padding
     text, trimmed = trlx_stop_cut(tokenizer.decode(new_ids, skip_special_tokens=True))
     ids = list(tokenizer(text, add_special_tokens=False).input_ids) if text else []
     if trimmed or ended or not ids:
@@ -314,7 +342,7 @@ def _prompt_order(n_prompts: int, seed: int, start: int, count: int) -> list[int
         random.Random(seed * 100_003 + epoch).shuffle(perm)
         order += perm
     offset = start - (start // n_prompts) * n_prompts
-    return order[offset:offset + count]
+    return order[offset : offset + count]
 
 
 @dataclass
@@ -328,9 +356,19 @@ class _State:
     history: list[dict]
 
 
-def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], references: list[str] | None,
-             reference_scores: dict[int, float], state: _State, config: PPOConfig,
-             autocast) -> tuple[list[Rollout], dict[str, float]]:
+def _collect(
+    policy,
+    head,
+    reference,
+    tokenizer,
+    scorer,
+    prompts: list[str],
+    references: list[str] | None,
+    reference_scores: dict[int, float],
+    state: _State,
+    config: PPOConfig,
+    autocast,
+) -> tuple[list[Rollout], dict[str, float]]:
     """One round's rollouts with their advantages and returns (the policy in eval mode, no gradients).
 
     The stats hold `controller_kl`, the KL estimate the round's controller updates use (None with a
@@ -344,17 +382,26 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
     policy.eval()
     head.eval()
     for at in range(0, len(indices), config.chunk_size):
-        chunk = indices[at:at + config.chunk_size]
-        batch = left_truncated_batch(tokenizer, [prompts[i] for i in chunk], config.max_prompt_tokens,
-                                     bos=config.prompt_bos)
-        check_context(policy, batch["input_ids"].shape[1], config.max_new_tokens,
-                      "method.ppo.max_prompt_tokens + max_new_tokens")
+        chunk = indices[at : at + config.chunk_size]
+        batch = left_truncated_batch(
+            tokenizer, [prompts[i] for i in chunk], config.max_prompt_tokens, bos=config.prompt_bos
+        )
+        check_context(
+            policy, batch["input_ids"].shape[1], config.max_new_tokens, "method.ppo.max_prompt_tokens + max_new_tokens"
+        )
         # Seeded per round and chunk, so a resumed run samples what an uninterrupted one would have.
         with torch.no_grad(), autocast():
-            out = sample(policy, tokenizer, {k: v.to(device) for k, v in batch.items()},
-                         seed=config.seed * 1_000_003 + state.round * 10_007 + at, n=1,
-                         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                         top_k=config.top_k)
+            out = sample(
+                policy,
+                tokenizer,
+                {k: v.to(device) for k, v in batch.items()},
+                seed=config.seed * 1_000_003 + state.round * 10_007 + at,
+                n=1,
+                max_new_tokens=config.max_new_tokens,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                top_k=config.top_k,
+            )
         width = batch["input_ids"].shape[1]
         rows, texts, responses = [], [], []
         for b in range(len(chunk)):
@@ -385,8 +432,14 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
             logprobs, values, mask, row_logprobs = _forward(policy, rows, pad_id(tokenizer), head, whole_rows=adaptive)
             ref_logprobs, _, _, ref_row_logprobs = _forward(reference, rows, pad_id(tokenizer), whole_rows=adaptive)
         if adaptive:
-            chunk_kls.append(controller_kl(row_logprobs - ref_row_logprobs, max(len(p) for p, _ in rows),
-                                           max(len(r) for _, r in rows), config.controller_kl))
+            chunk_kls.append(
+                controller_kl(
+                    row_logprobs - ref_row_logprobs,
+                    max(len(p) for p, _ in rows),
+                    max(len(r) for _, r in rows),
+                    config.controller_kl,
+                )
+            )
         log_ratio = (logprobs - ref_logprobs) * mask
         kls += log_ratio.sum(1).tolist()
         rewards = -state.kl.value * log_ratio
@@ -395,12 +448,24 @@ def _collect(policy, head, reference, tokenizer, scorer, prompts: list[str], ref
         advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
         for b, (prompt, ids) in enumerate(rows):
             n = len(ids)
-            rollouts.append(Rollout(prompt, ids, logprobs[b, :n].cpu(), values[b, :n].cpu(),
-                                    advantages[b, :n].cpu(), returns[b, :n].cpu()))
+            rollouts.append(
+                Rollout(
+                    prompt,
+                    ids,
+                    logprobs[b, :n].cpu(),
+                    values[b, :n].cpu(),
+                    advantages[b, :n].cpu(),
+                    returns[b, :n].cpu(),
+                )
+            )
     state.cursor += len(indices)
-    stats = {"mean_score": sum(raw) / len(raw), "mean_reward_delta": sum(deltas) / len(deltas),
-             "mean_kl": sum(kls) / len(kls), "controller_kl": _round_kl(chunk_kls, config.controller_kl),
-             "mean_response_tokens": sum(len(r.response_ids) for r in rollouts) / len(rollouts)}
+    stats = {
+        "mean_score": sum(raw) / len(raw),
+        "mean_reward_delta": sum(deltas) / len(deltas),
+        "mean_kl": sum(kls) / len(kls),
+        "controller_kl": _round_kl(chunk_kls, config.controller_kl),
+        "mean_response_tokens": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
+    }
     return rollouts, stats
 
 
@@ -414,8 +479,9 @@ def _round_kl(chunk_kls: list[float], form: str) -> float | None:
     return (sum(math.sqrt(max(k, 0.0)) for k in chunk_kls) / len(chunk_kls)) ** 2
 
 
-def update_schedule(n_rollouts: int, batch_size: int, ppo_epochs: int, order: str,
-                    rng: random.Random) -> list[tuple[list[int], bool]]:
+def update_schedule(
+    n_rollouts: int, batch_size: int, ppo_epochs: int, order: str, rng: random.Random
+) -> list[tuple[list[int], bool]]:
     """One round's optimiser steps in trlX's order: each step's minibatch (rollout indices) and whether the
     KL controller moves after it.
 
@@ -427,7 +493,7 @@ def update_schedule(n_rollouts: int, batch_size: int, ppo_epochs: int, order: st
 
     def shuffled() -> list[list[int]]:
         rng.shuffle(indices)
-        return [indices[at:at + batch_size] for at in range(0, n_rollouts, batch_size)]
+        return [indices[at : at + batch_size] for at in range(0, n_rollouts, batch_size)]
 
     steps: list[tuple[list[int], bool]] = []
     if order == "minibatch":
@@ -440,25 +506,50 @@ def update_schedule(n_rollouts: int, batch_size: int, ppo_epochs: int, order: st
     return steps
 
 
-def _update(policy, head, optimizer, rollouts: list[Rollout], state: _State, kl: float | None, pad: int,
-            config: PPOConfig, autocast) -> dict[str, float]:
+def _update(
+    policy,
+    head,
+    optimizer,
+    rollouts: list[Rollout],
+    state: _State,
+    kl: float | None,
+    pad: int,
+    config: PPOConfig,
+    autocast,
+) -> dict[str, float]:
     """One round's clipped PPO updates (`update_schedule`); the KL controller moves with n_steps = batch_size
     from the round's controller KL, as trlX's post-backward callback does."""
     policy.train()
     head.train()
     totals: dict[str, float] = {}
-    schedule = update_schedule(len(rollouts), config.batch_size, config.ppo_epochs, config.update_order,
-                               random.Random(config.seed * 1_000_003 + state.round))
+    schedule = update_schedule(
+        len(rollouts),
+        config.batch_size,
+        config.ppo_epochs,
+        config.update_order,
+        random.Random(config.seed * 1_000_003 + state.round),
+    )
     for indices, move_controller in schedule:
         batch = [rollouts[i] for i in indices]
         with autocast():
             logprobs, values, mask, _ = _forward(policy, [(r.prompt_ids, r.response_ids) for r in batch], pad, head)
-        old = {name: pad_sequence([getattr(r, name) for r in batch], batch_first=True).to(mask.device)
-               for name in ("logprobs", "values", "advantages", "returns")}
+        old = {
+            name: pad_sequence([getattr(r, name) for r in batch], batch_first=True).to(mask.device)
+            for name in ("logprobs", "values", "advantages", "returns")
+        }
         # trlX whitens the advantages of each minibatch.
-        loss, stats = ppo_loss(logprobs, values, old["logprobs"], old["values"], whiten(old["advantages"]),
-                               old["returns"], mask, cliprange=config.cliprange,
-                               cliprange_value=config.cliprange_value, vf_coef=config.vf_coef)
+        loss, stats = ppo_loss(
+            logprobs,
+            values,
+            old["logprobs"],
+            old["values"],
+            whiten(old["advantages"]),
+            old["returns"],
+            mask,
+            cliprange=config.cliprange,
+            cliprange_value=config.cliprange_value,
+            vf_coef=config.vf_coef,
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -490,9 +581,20 @@ def _save_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"policy": _trainable_state(policy), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
-                "round": state.round, "cursor": state.cursor, "kl_coef": state.kl.value,
-                "moments": vars(state.moments), "rng": rng, "config": asdict(config)}, work / "state.pt")
+    torch.save(
+        {
+            "policy": _trainable_state(policy),
+            "head": head.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "round": state.round,
+            "cursor": state.cursor,
+            "kl_coef": state.kl.value,
+            "moments": vars(state.moments),
+            "rng": rng,
+            "config": asdict(config),
+        },
+        work / "state.pt",
+    )
     (work / "log_history.json").write_text(strict_json(state.history, work / "log_history.json", indent=1))
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -510,8 +612,10 @@ def _load_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
     saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     changed = {k for k, v in asdict(config).items() if saved["config"].get(k) != v} - _RESUMABLE_CHANGES
     if changed:
-        raise ValueError(f"{folder}: the checkpoint was made with other settings ({sorted(changed)}); "
-                         "resume with the same ones or use a new output folder")
+        raise ValueError(
+            f"{folder}: the checkpoint was made with other settings ({sorted(changed)}); "
+            "resume with the same ones or use a new output folder"
+        )
     unknown = policy.load_state_dict(saved["policy"], strict=False).unexpected_keys
     if unknown:
         raise ValueError(f"{folder}: checkpoint holds weights the model lacks: {unknown[:5]}")
@@ -527,8 +631,17 @@ def _load_checkpoint(folder: Path, policy, head, optimizer, state: _State, confi
     return True
 
 
-def train_ppo(model_path: str, prompts: list[str], references: list[str] | None, scorer, output_dir: Path,
-              config: PPOConfig, *, where: Placement | None = None, trust_remote_code: bool = False) -> Path:
+def train_ppo(
+    model_path: str,
+    prompts: list[str],
+    references: list[str] | None,
+    scorer,
+    output_dir: Path,
+    config: PPOConfig,
+    *,
+    where: Placement | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
     """Train `model_path` with PPO on `prompts`, rewarded by `scorer`; resumes from output_dir/checkpoint.
 
     `references` (the data set's chosen responses) give the delta reward (`config.delta_reward`). Weights stay
@@ -556,10 +669,20 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     for module in (policy, reference, head):
         module.to(device)
     trainable = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                  eps=config.adam_eps, weight_decay=config.weight_decay)
-    state = _State(round=0, cursor=0, kl=AdaptiveKLController(config.init_kl_coef, config.target, config.horizon),
-                   moments=RunningMoments(), history=[])
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    state = _State(
+        round=0,
+        cursor=0,
+        kl=AdaptiveKLController(config.init_kl_coef, config.target, config.horizon),
+        moments=RunningMoments(),
+        history=[],
+    )
     checkpoint = output_dir / "checkpoint"
     if _load_checkpoint(checkpoint, policy, head, optimizer, state, config):
         log.info("ppo: resuming from %s after round %d", checkpoint, state.round)
@@ -567,25 +690,43 @@ def train_ppo(model_path: str, prompts: list[str], references: list[str] | None,
     reference_scores: dict[int, float] = {}
     for _ in tqdm(range(state.round, config.iterations), initial=state.round, total=config.iterations, desc="ppo"):
         started = time.perf_counter()
-        rollouts, stats = _collect(policy, head, reference, tokenizer, scorer, prompts, references,
-                                   reference_scores, state, config, autocast)
-        stats |= _update(policy, head, optimizer, rollouts, state, stats["controller_kl"], pad_id(tokenizer),
-                         config, autocast)
+        rollouts, stats = _collect(
+            policy, head, reference, tokenizer, scorer, prompts, references, reference_scores, state, config, autocast
+        )
+        stats |= _update(
+            policy, head, optimizer, rollouts, state, stats["controller_kl"], pad_id(tokenizer), config, autocast
+        )
         state.round += 1
-        row = {"round": state.round, "mean_score": stats["mean_score"],
-               "mean_reward_delta": stats["mean_reward_delta"], "mean_kl": stats["mean_kl"],
-               "controller_kl": stats["controller_kl"], "kl_coef": state.kl.value, "pg_loss": stats["pg_loss"],
-               "vf_loss": stats["vf_loss"],
-               "mean_response_tokens": stats["mean_response_tokens"],
-               "seconds": time.perf_counter() - started}
+        row = {
+            "round": state.round,
+            "mean_score": stats["mean_score"],
+            "mean_reward_delta": stats["mean_reward_delta"],
+            "mean_kl": stats["mean_kl"],
+            "controller_kl": stats["controller_kl"],
+            "kl_coef": state.kl.value,
+            "pg_loss": stats["pg_loss"],
+            "vf_loss": stats["vf_loss"],
+            "mean_response_tokens": stats["mean_response_tokens"],
+            "seconds": time.perf_counter() - started,
+        }
         state.history.append(row)
-        (output_dir / "log_history.json").write_text(strict_json(state.history, output_dir / "log_history.json",
-                                                                  indent=1))
+        (output_dir / "log_history.json").write_text(
+            strict_json(state.history, output_dir / "log_history.json", indent=1)
+        )
         tracking.log(row, prefix="ppo")
-        log.info("ppo round %d/%d: score %.4f, delta %.4f, kl %.4f (coef %.5f), pg %.4f, vf %.4f, %.1f tokens, "
-                 "%.1fs", state.round, config.iterations, row["mean_score"], row["mean_reward_delta"],
-                 row["mean_kl"], row["kl_coef"], row["pg_loss"], row["vf_loss"], row["mean_response_tokens"],
-                 row["seconds"])
+        log.info(
+            "ppo round %d/%d: score %.4f, delta %.4f, kl %.4f (coef %.5f), pg %.4f, vf %.4f, %.1f tokens, %.1fs",
+            state.round,
+            config.iterations,
+            row["mean_score"],
+            row["mean_reward_delta"],
+            row["mean_kl"],
+            row["kl_coef"],
+            row["pg_loss"],
+            row["vf_loss"],
+            row["mean_response_tokens"],
+            row["seconds"],
+        )
         if state.round % config.save_every == 0 or state.round == config.iterations:
             _save_checkpoint(checkpoint, policy, head, optimizer, state, config)
 

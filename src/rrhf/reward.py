@@ -93,8 +93,9 @@ class GPTJRewardModel(nn.Module):
         missing = [k for k in missing if not k.endswith(derived)]
         unexpected = [k for k in unexpected if not k.endswith(derived)]
         if missing or unexpected:
-            raise ValueError(f"{checkpoint}: does not match GPT-J + value head "
-                             f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+            raise ValueError(
+                f"{checkpoint}: does not match GPT-J + value head (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
         return model.to(dtype).eval()
 
 
@@ -107,8 +108,16 @@ class GPTJRMScorer(Scorer):
 
     sort_by_length = True
 
-    def __init__(self, model: GPTJRewardModel, tokenizer, *, max_length: int = 1024, batch_size: int = 8,
-                 device: str | torch.device = "cpu", separator: str = " ") -> None:
+    def __init__(
+        self,
+        model: GPTJRewardModel,
+        tokenizer,
+        *,
+        max_length: int = 1024,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        separator: str = " ",
+    ) -> None:
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.truncation_side = "left"
         tokenizer.padding_side = "right"
@@ -125,39 +134,63 @@ class GPTJRMScorer(Scorer):
 
         from rrhf.assets import load_tokenizer, resolve_model
 
-        where_keys = (f"reward.checkpoint_repo={cfg.checkpoint_repo!r}, "
-                      f"reward.checkpoint_file={cfg.checkpoint_file!r}: the gptj-rm-static checkpoint")
+        where_keys = (
+            f"reward.checkpoint_repo={cfg.checkpoint_repo!r}, "
+            f"reward.checkpoint_file={cfg.checkpoint_file!r}: the gptj-rm-static checkpoint"
+        )
         try:
             checkpoint = Path(resolve_model(cfg.checkpoint_repo)) / cfg.checkpoint_file
         except hub.HubItemsMissing as error:
             raise FileNotFoundError(f"{where_keys} is not in the local cache ({error})") from None
         if not checkpoint.is_file():
-            raise FileNotFoundError(f"reward.checkpoint_file: {checkpoint} not found ({cfg.checkpoint_repo} has no "
-                                    f"{cfg.checkpoint_file}; reward.checkpoint_repo / reward.checkpoint_file)")
+            raise FileNotFoundError(
+                f"reward.checkpoint_file: {checkpoint} not found ({cfg.checkpoint_repo} has no "
+                f"{cfg.checkpoint_file}; reward.checkpoint_repo / reward.checkpoint_file)"
+            )
         config = AutoConfig.from_pretrained(resolve_model(cfg.backbone))
         model = GPTJRewardModel.from_checkpoint(config, str(checkpoint), where.dtype)
-        return cls(model, load_tokenizer(cfg.tokenizer), max_length=cfg.max_length,
-                   batch_size=cfg.batch_size, device=where.device, separator=cfg.get("separator", " "))
+        return cls(
+            model,
+            load_tokenizer(cfg.tokenizer),
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            device=where.device,
+            separator=cfg.get("separator", " "),
+        )
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         return [f"{p}{self.separator}{r}{self.tokenizer.eos_token}" for p, r in zip(prompts, responses)]
 
     @torch.no_grad()
     def score_texts(self, texts: list[str]) -> list[float]:
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                             return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        ).input_ids.to(self.device)
         return self.model(ids, self.tokenizer.eos_token_id).float().tolist()
 
 
 class SequenceClassifierScorer(Scorer):
     """Probability (or logit) of one label of a sequence-classification model, e.g. IMDB's positive."""
 
-    def __init__(self, model, tokenizer, *, label: int = 1, output: str = "prob", text: str = "response",
-                 max_length: int = 512, batch_size: int = 32, sort_by_length: bool = True, separator: str = "",
-                 truncation_side: str | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        label: int = 1,
+        output: str = "prob",
+        text: str = "response",
+        max_length: int = 512,
+        batch_size: int = 32,
+        sort_by_length: bool = True,
+        separator: str = "",
+        truncation_side: str | None = None,
+    ) -> None:
         if output not in ("prob", "logit") or text not in ("response", "prompt+response"):
-            raise ValueError(f"reward: output must be prob|logit and text response|prompt+response, "
-                             f"got output={output!r} text={text!r}")
+            raise ValueError(
+                f"reward: output must be prob|logit and text response|prompt+response, "
+                f"got output={output!r} text={text!r}"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         if truncation_side is not None:  # RL4LMs cuts a long review from the left (paper-notes section 8)
             tokenizer.truncation_side = truncation_side
@@ -172,9 +205,17 @@ class SequenceClassifierScorer(Scorer):
 
         folder = resolve_model(cfg.path)
         model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=where.dtype).to(where.device)
-        return cls(model, load_tokenizer(cfg.path), label=cfg.label, output=cfg.output,
-                   text=cfg.text, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                   separator=cfg.get("separator", ""), truncation_side=cfg.get("truncation_side"))
+        return cls(
+            model,
+            load_tokenizer(cfg.path),
+            label=cfg.label,
+            output=cfg.output,
+            text=cfg.text,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            separator=cfg.get("separator", ""),
+            truncation_side=cfg.get("truncation_side"),
+        )
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         if self.text == "response":
@@ -190,23 +231,43 @@ class SequenceClassifierScorer(Scorer):
         return values[:, self.label].tolist()
 
 
-def score_in_shards(scorer: Scorer, prompts: Sequence[str], responses: Sequence[str], work: Path, name: str, *,
-                    desc: str = "scoring", crash_stage: str | None = None) -> list[float]:
+def score_in_shards(
+    scorer: Scorer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    work: Path,
+    name: str,
+    *,
+    desc: str = "scoring",
+    crash_stage: str | None = None,
+) -> list[float]:
     """`scorer.score`, the batches divided among the ranks of a launch (`rrhf.sharding.map_batches`)."""
     texts = scorer.texts(prompts, responses)
-    results = map_batches(work, name, scorer.batches(texts), lambda batch: [float(v) for v in scorer.score_texts(
-        [texts[i] for i in batch])], desc=desc, unit="response", crash_stage=crash_stage)
+    results = map_batches(
+        work,
+        name,
+        scorer.batches(texts),
+        lambda batch: [float(v) for v in scorer.score_texts([texts[i] for i in batch])],
+        desc=desc,
+        unit="response",
+        crash_stage=crash_stage,
+    )
     return [results[i] for i in range(len(texts))]
 
 
-def score_groups(scorer: Scorer, prompts: Sequence[str], groups: Sequence[Sequence[str]], *,
-                 score: Callable[[list[str], list[str]], Sequence[float]] | None = None) -> list[list[float]]:
+def score_groups(
+    scorer: Scorer,
+    prompts: Sequence[str],
+    groups: Sequence[Sequence[str]],
+    *,
+    score: Callable[[list[str], list[str]], Sequence[float]] | None = None,
+) -> list[list[float]]:
     """Scores of every prompt's group of responses, from one call over all of them: `score(prompts, responses)`,
     the scorer's own `score` unless given (the score stage passes `score_in_shards`)."""
     flat = (score or scorer.score)([p for p, g in zip(prompts, groups) for _ in g], [r for g in groups for r in g])
     out, at = [], 0
     for g in groups:
-        out.append(list(flat[at:at + len(g)]))
+        out.append(list(flat[at : at + len(g)]))
         at += len(g)
     return out
 
@@ -220,5 +281,4 @@ def build_scorer(cfg: Any, where: Placement | None = None) -> Scorer:
         return GPTJRMScorer.from_config(cfg, where)
     if cfg.name == "sequence_classifier":
         return SequenceClassifierScorer.from_config(cfg, where)
-    raise ValueError(f"reward.name={cfg.name!r}: unknown reward; known: vader, gptj_rm_static, "
-                     "sequence_classifier")
+    raise ValueError(f"reward.name={cfg.name!r}: unknown reward; known: vader, gptj_rm_static, sequence_classifier")

@@ -23,8 +23,16 @@ log = logging.getLogger(__name__)
 # Sampling keys that do not change the first generation: labels, the dataset flag, which part of the group
 # trains, and what later iterations or online refreshes do. DP, D, P (when it samples), IP-n and OP-k (and
 # imdb_BP, imdb_B) share one generation.
-NOT_GENERATION_KEYS = ("name", "dataset_responses", "train_on", "pad_over_group", "table10_setting", "iterations",
-                       "refresh_steps", "kl_coef")
+NOT_GENERATION_KEYS = (
+    "name",
+    "dataset_responses",
+    "train_on",
+    "pad_over_group",
+    "table10_setting",
+    "iterations",
+    "refresh_steps",
+    "kl_coef",
+)
 
 
 def generation_settings(sampling: dict[str, Any]) -> dict[str, Any]:
@@ -41,10 +49,15 @@ def sample_candidates(model, tokenizer, prompts: list[str], cfg: Any, work: Path
     """
     batches = length_sorted_batches([len(p) for p in prompts], cfg.batch_size)
     model.eval()
-    results = map_batches(work, "candidates", batches,
-                          lambda batch: generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg,
-                                                       seed=seed + batch[0]),
-                          desc=f"sampling {cfg.name}", unit="prompt", crash_stage="sample")
+    results = map_batches(
+        work,
+        "candidates",
+        batches,
+        lambda batch: generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg, seed=seed + batch[0]),
+        desc=f"sampling {cfg.name}",
+        unit="prompt",
+        crash_stage="sample",
+    )
     write_jsonl(work / "candidates.jsonl", ({"index": i, "responses": results[i]} for i in range(len(prompts))))
 
 

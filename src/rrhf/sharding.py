@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,10 +27,12 @@ from tqdm.auto import tqdm
 
 from rrhf.data import strict_json
 from rrhf.launch import crash_point, launch_id, rank, world_size
+from rrhf.locks import PEER_TIMEOUT_ENV, describe, holder_ended, peer_wait_limit, read_holder
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.2
+PEER_CHECK_SECONDS = 2.0  # how often a waiting rank looks for signs of the others
 
 
 def shard_files(work: Path, name: str) -> list[Path]:
@@ -55,11 +58,19 @@ def _trim(path: Path) -> None:
         return
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        path.write_bytes(data[:data.rfind(b"\n") + 1])
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
-def map_batches(work: Path, name: str, batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]],
-                *, desc: str, unit: str = "item", crash_stage: str | None = None) -> dict[int, Any]:
+def map_batches(
+    work: Path,
+    name: str,
+    batches: Sequence[Sequence[int]],
+    compute: Callable[[list[int]], list[Any]],
+    *,
+    desc: str,
+    unit: str = "item",
+    crash_stage: str | None = None,
+) -> dict[int, Any]:
     """`compute(batch)` for every batch (a list of item indices; it returns one JSON-serialisable result per
     item), this rank doing batches j with j % world_size == rank. Returns every item's result by index, on
     every rank, once all ranks are done."""
@@ -68,8 +79,13 @@ def map_batches(work: Path, name: str, batches: Sequence[Sequence[int]], compute
     mine = [j for j in range(me, len(batches), world) if j not in done]
     total = sum(len(batches[j]) for j in range(me, len(batches), world))
     # Rank 0's bar stands for all: it does its share of the same batches.
-    bar = tqdm(total=total, initial=total - sum(len(batches[j]) for j in mine), unit=unit, disable=me != 0,
-               desc=desc if world == 1 else f"{desc} (rank 0 of {world})")
+    bar = tqdm(
+        total=total,
+        initial=total - sum(len(batches[j]) for j in mine),
+        unit=unit,
+        disable=me != 0,
+        desc=desc if world == 1 else f"{desc} (rank 0 of {world})",
+    )
     if mine and len(mine) < len(range(me, len(batches), world)):
         log.info("%s: resuming, %d of this rank's batches left", desc, len(mine))
     shard = work / f"{name}.shard-{me}-of-{world}.jsonl"
@@ -98,12 +114,19 @@ def map_batches(work: Path, name: str, batches: Sequence[Sequence[int]], compute
 class Mapper(Protocol):
     """How a function runs its batches: `local_map` in this process, or a stage's `shard_mapper`."""
 
-    def __call__(self, batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str,
-                 unit: str = "item") -> dict[int, Any]: ...
+    def __call__(
+        self,
+        batches: Sequence[Sequence[int]],
+        compute: Callable[[list[int]], list[Any]],
+        *,
+        desc: str,
+        unit: str = "item",
+    ) -> dict[int, Any]: ...
 
 
-def local_map(batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str,
-              unit: str = "item") -> dict[int, Any]:
+def local_map(
+    batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str, unit: str = "item"
+) -> dict[int, Any]:
     """Every batch in this process, in order, with a progress bar: results by item index."""
     out: dict[int, Any] = {}
     with tqdm(total=sum(len(b) for b in batches), desc=desc, unit=unit) as bar:
@@ -116,29 +139,77 @@ def local_map(batches: Sequence[Sequence[int]], compute: Callable[[list[int]], l
 def shard_mapper(work: Path, name: str, *, crash_stage: str | None = None) -> Mapper:
     """A Mapper that divides the batches among the ranks of the launch, with shards in `work` named `name`."""
 
-    def run(batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str,
-            unit: str = "item") -> dict[int, Any]:
+    def run(
+        batches: Sequence[Sequence[int]], compute: Callable[[list[int]], list[Any]], *, desc: str, unit: str = "item"
+    ) -> dict[int, Any]:
         return map_batches(work, name, batches, compute, desc=desc, unit=unit, crash_stage=crash_stage)
 
     return run
 
 
+def rank_lock(work: Path, r: int) -> Path:
+    """The lock rank r of a launch holds while it builds in the stage work folder `work` (`<key>.partial`) and
+    until the artifact is complete (`rrhf.artifacts.run_stage` with all_ranks); it names the rank's process."""
+    work = Path(work)
+    return work.with_name(f"{work.name.removesuffix('.partial')}.rank{r}.lock")
+
+
+def _lost_peer(work: Path, launch: str) -> str | None:
+    """A rank of this launch, on this host, whose process has ended while the stage is unfinished (None: none
+    known). A rank on another host cannot be asked: the time limit of `wait_for` covers it."""
+    for r in range(world_size()):
+        if r == rank():
+            continue
+        holder = read_holder(rank_lock(work, r))
+        # A lock is emptied when released: one that names a rank of this launch was held when it ended.
+        if holder is not None and holder.get("launch") == launch and holder_ended(holder):
+            return f"rank {r} ({describe(holder)}) has ended"
+    return None
+
+
+def _progress(work: Path) -> tuple:
+    """What changes while any rank works in `work`: its files' names, sizes and times (appended shards, marks)."""
+    try:
+        stats = [(entry.name, entry.stat()) for entry in os.scandir(work)]
+    except FileNotFoundError:  # completed and renamed by rank 0
+        return ()
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+
+
 def wait_for(folder: Path, names: Sequence[str], *, what: str, work: Path | None = None) -> None:
     """Block until every file in `names` exists in `folder` (logging now and then while waiting).
 
-    Raises when another rank of this launch has marked the stage's work folder as failed (`mark_failed`):
-    without a launcher that ends the job when one task fails, the others would wait until the time limit.
+    Raises when another rank of this launch has marked the stage's work folder as failed (`mark_failed`), when
+    a rank of this launch on this host has ended (its lock names it: `rank_lock`), and when nothing in the work
+    folder has changed for `RRHF_PEER_TIMEOUT_S` (default 1800 s; the other ranks append to it as each batch
+    is done): without a launcher that ends the job when one task fails or is lost, the others would wait until
+    the job's time limit.
     """
-    started, told = time.monotonic(), 0.0
+    limit, started, told = peer_wait_limit(), time.monotonic(), 0.0
     work, launch = Path(work or folder), launch_id()
+    checked, seen, quiet_since = started, _progress(work), started
     while not all((Path(folder) / n).exists() for n in names):
         failed = sorted(work.glob(f"failed-*.{launch}"))
         if failed:
             raise RuntimeError(f"{what}: another rank failed: {failed[0].read_text().strip()}")
-        waited = time.monotonic() - started
+        now = time.monotonic()
+        waited = now - started
         if waited - told > 60:
             log.info("waiting for %s (%.0f s)", what, waited)
             told = waited
+        if now - checked >= PEER_CHECK_SECONDS:
+            checked = now
+            lost = _lost_peer(work, launch)
+            if lost and not all((Path(folder) / n).exists() for n in names):
+                raise RuntimeError(f"{what}: {lost} before finishing its part; rerun to resume the stage")
+            progress = _progress(work)
+            if progress != seen:
+                seen, quiet_since = progress, now
+            elif now - quiet_since >= limit:
+                raise TimeoutError(
+                    f"{what}: nothing in {work} has changed for {now - quiet_since:.0f} s: another "
+                    f"rank is lost or stuck. {PEER_TIMEOUT_ENV} sets this limit (now {limit:g} s)"
+                )
         time.sleep(POLL_SECONDS)
 
 
@@ -159,4 +230,4 @@ def clean(work: Path) -> None:
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, *, longest_first: bool = False) -> list[list[int]]:
     """Item indices in batches of similar length (little padding); ties keep their input order."""
     order = sorted(range(len(lengths)), key=(lambda i: -lengths[i]) if longest_first else (lambda i: lengths[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

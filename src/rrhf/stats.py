@@ -34,13 +34,17 @@ def sample_statistics(groups_of_scores: Sequence[Sequence[float]]) -> dict[str, 
         stats = {"mean": float(flat.mean()), "std": float(flat.std()), "max": float(maxima.mean())}
         if not all(np.isfinite(v) for v in stats.values()):
             scale = float(np.abs(flat).max())
-            stats = {"mean": float((flat / scale).mean()) * scale, "std": float((flat / scale).std()) * scale,
-                     "max": float((maxima / scale).mean()) * scale}
+            stats = {
+                "mean": float((flat / scale).mean()) * scale,
+                "std": float((flat / scale).std()) * scale,
+                "max": float((maxima / scale).mean()) * scale,
+            }
     return stats
 
 
-def paired_interval(a: np.ndarray | Sequence, b: np.ndarray | Sequence, *, resamples: int = 2000, seed: int = 0,
-                    level: float = 0.95) -> tuple[float, float, float]:
+def paired_interval(
+    a: np.ndarray | Sequence, b: np.ndarray | Sequence, *, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of a - b and its percentile-bootstrap interval, the items paired.
 
     a, b: values per test prompt, shape (P,), or per training seed and test prompt, shape (S, P), paired
@@ -57,8 +61,11 @@ def paired_interval(a: np.ndarray | Sequence, b: np.ndarray | Sequence, *, resam
         raise ValueError(f"paired_interval takes (prompts,) or (seeds, prompts) values, got shape {diff.shape}")
     n_seeds, n_prompts = diff.shape
     rng = np.random.default_rng(seed)
-    seed_weights = (rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=resamples) if n_seeds > 1
-                    else np.ones((resamples, 1)))
+    seed_weights = (
+        rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=resamples)
+        if n_seeds > 1
+        else np.ones((resamples, 1))
+    )
     prompt_weights = rng.multinomial(n_prompts, np.full(n_prompts, 1 / n_prompts), size=resamples)
     means = ((seed_weights @ diff) * prompt_weights).sum(axis=1) / (n_seeds * n_prompts)
     tail = 100 * (1 - level) / 2

@@ -1,6 +1,6 @@
 """Collect finished runs into the paper's tables, beside the paper's own numbers.
 
-    python -m rrhf.tables results/ --out paper_tables/ [--strict] [--ppl exact] [--samples sampled]
+    python -m rrhf.tables results/ --out paper_tables/ [--strict] [--force] [--ppl exact] [--samples sampled]
 
 Runs are found by the resolved config Hydra saved beside each `metrics.json` (never by folder names)
 and matched to the rows of `paper_tables/reference.yaml` by their keys (model, sampling, method, ...).
@@ -10,7 +10,9 @@ perplexity judge and reward model measured them (from the run's config; per row 
 Every table (2, 5, 6, 7, 10) is written on every collation: `tableN.tex` / `.csv` (our numbers, seeds
 averaged, spread reported) and `tableN_vs_paper.tex` / `.csv` (paper, ours and the difference), with
 dashes where no run exists. The CSV files hold the numbers rounded as the tables print them. Missing
-cells are listed in `missing.txt`; failed runs (a FAILED marker) are listed too.
+cells are listed in `missing.txt`; failed runs (a FAILED marker, or a metrics.json that cannot be read) are
+listed too. A results folder that does not exist is refused, and so are tables with fewer filled cells than
+the ones they would replace, unless --force.
 """
 
 from __future__ import annotations
@@ -39,11 +41,19 @@ REFERENCE = PROJECT_ROOT / "paper_tables" / "reference.yaml"
 IMDB_TABLES = {10}
 LOWER_IS_BETTER = {"PPL", "Perplexity"}
 NOT_RANKED = {"Std."}
-DIGITS = 2  # every number is printed, and kept in the CSV files, with two decimals
+# Each column is printed, ours and the paper's alike, with the decimals the paper prints it with: reference.yaml's
+# `precision` per table (Tables 2, 5, 6, 7: two decimals; Table 10, the IMDB appendix: three), so that a paper
+# cell reads as the paper prints it (0.990, 32.083, not 0.99, 32.08) and ours compare with it digit for digit.
 # What measured each column: the perplexity judge or the reward model (Accuracy is the policy's own score,
 # or the reward model's for the row that names it).
-MEASURED_BY = {"PPL": "judge", "Perplexity": "judge", "Reward": "reward", "Mean": "reward", "Std.": "reward",
-               "Max": "reward"}
+MEASURED_BY = {
+    "PPL": "judge",
+    "Perplexity": "judge",
+    "Reward": "reward",
+    "Mean": "reward",
+    "Std.": "reward",
+    "Max": "reward",
+}
 MEASURE_NAMES = {"judge": "perplexity", "reward": "reward"}  # in captions
 PER_ROW_HEADER = {"judge": "PPL judge", "reward": "Reward model"}  # the column naming it where rows differ
 SAMPLE_SETS = ("all", "sampled")  # Table 6's statistics: every training candidate, or the generated ones only
@@ -71,8 +81,11 @@ class Collection:
 
 
 def _values(metrics: dict, samples: dict | None, ppl: str, sample_set: str = "all") -> dict[str, float]:
-    values = {"PPL": metrics.get(f"ppl_{ppl}"), "Perplexity": metrics.get(f"ppl_{ppl}"),
-              "Reward": metrics.get("reward")}
+    values = {
+        "PPL": metrics.get(f"ppl_{ppl}"),
+        "Perplexity": metrics.get(f"ppl_{ppl}"),
+        "Reward": metrics.get("reward"),
+    }
     if "rm_accuracy_paper" in metrics:
         values["Accuracy"] = 100 * metrics["rm_accuracy_paper"]
     # Table 6: statistics of the setting's training candidates. The paper's are over all of them, the data
@@ -95,56 +108,178 @@ def find_runs(results: Path, *, ppl: str = "paper", samples: str = "all") -> Col
     for config_file in sorted(Path(results).rglob(".hydra/config.yaml")):
         folder = config_file.parent.parent
         if (folder / "FAILED").exists():
-            found.failed.append(f"{folder}: {(folder / 'FAILED').read_text().strip().splitlines()[-1]}")
+            found.failed.append(f"{folder}: {_failure((folder / 'FAILED').read_text(errors='replace'))}")
             continue
         if not (folder / "metrics.json").exists():
             if (folder / "STARTED").exists():  # killed, or still running: never silently skipped
-                found.failed.append(f"{folder}: started {(folder / 'STARTED').read_text().strip()}, not finished "
-                                    "(killed, or still running)")
+                found.failed.append(
+                    f"{folder}: started {(folder / 'STARTED').read_text().strip()}, not finished "
+                    "(killed, or still running)"
+                )
             continue
-        cfg = OmegaConf.load(config_file)
-        metrics = json.loads((folder / "metrics.json").read_text())
-        family = cfg.task.get("family", "hh")
-        stands_in = cfg.model.get("stands_in_for")  # a paper model has none
-        stands_in = OmegaConf.to_container(stands_in) if stands_in is not None else {}
-        model = {fam: stands_in.get(fam, cfg.model.name) for fam in ("hh", "imdb")}
-        ours = f"{cfg.model.name} / {cfg.task.name}"
-        measured = {"judge": str(cfg.eval.get("judge", "?")), "reward": _reward_model(cfg.reward)}
-
-        def add(key: dict, values: dict, artifact: str, ours: str = ours, seed: int = cfg.seed,
-                family: str = family, measured: dict = measured) -> None:
-            found.observations.append(Observation(key, ours, seed, values, artifact, family, measured))
-
-        add({"model": model, "sampling": "none", "method": "none"},
-            _values(metrics["initial"], None, ppl), metrics["initial"]["artifact"])
-        if cfg.method.name in ("best_of_n", "sft", "ppo"):  # no candidates of a sampling setting
-            extra = {"n": cfg.method.n} if cfg.method.name == "best_of_n" else {}
-            if cfg.method.name == "ppo":
-                extra["kl_coef"] = float(cfg.method.ppo.init_kl_coef)
-            add({"model": model, "sampling": "none", "method": cfg.method.name, **extra},
-                _values(metrics["final"], None, ppl), metrics["final"]["artifact"])
-        elif cfg.method.name != "none":
-            train_args = cfg.method.get("train_args") or {}
-            setting = {"hh": cfg.sampling.name, "imdb": cfg.sampling.get("table10_setting")}
-            if cfg.sampling.get("table10_setting"):
-                setting["hh"] = None  # an IMDB-appendix setting: not a row of the HH tables
-            add({"model": model, "sampling": setting, "method": cfg.method.name,
-                 "rank_weight": float(train_args.get("rank_weight", 1.0)),
-                 "kl_coef": float(cfg.sampling.get("kl_coef") or 0.0)},
-                _values(metrics["final"], metrics.get("samples"), ppl, samples), metrics["final"]["artifact"])
-        if metrics.get("train_log") and Path(metrics["train_log"]).exists():
-            found.train_logs[f"{ours} {cfg.sampling.name} seed {cfg.seed} ({folder.name})"] = Path(metrics["train_log"])
-        if metrics.get("candidates") and Path(metrics["candidates"]).exists():
-            found.candidates[f"{cfg.sampling.name} / {ours}"] = Path(metrics["candidates"])
-        for name, evaluated in metrics.get("dataset", {}).items():
-            add({"model": None, "sampling": "none", "method": "none", "responses": f"dataset_{name}"},
-                _values(evaluated, None, ppl), evaluated["artifact"], ours=f"data set / {cfg.task.name}")
-        if "reward_model_accuracy" in metrics:
-            scorer = cfg.reward.get("stands_in_for", cfg.reward.name)
-            add({"model": None, "sampling": "none", "method": "none", "scorer": scorer},
-                {"Accuracy": 100 * metrics["reward_model_accuracy"]}, f"rm:{cfg.reward.name}:{ours}",
-                ours=f"{cfg.reward.name} / {cfg.task.name}")
+        # One run's unreadable config or metrics is listed as failed; it never stops the others' collation.
+        try:
+            cfg = OmegaConf.load(config_file)
+        except Exception as error:
+            found.failed.append(f"{folder}: {config_file}: cannot be read: {type(error).__name__}: {error}")
+            continue
+        try:
+            run = _observe(folder, cfg, _read_metrics(folder / "metrics.json"), ppl, samples)
+        except Exception as error:
+            reason = str(error) if isinstance(error, MetricsError) else f"{type(error).__name__}: {error}"
+            found.failed.append(f"{folder}: {folder / 'metrics.json'}: {reason}")
+            continue
+        found.observations += run.observations
+        found.train_logs |= run.train_logs
+        found.candidates |= run.candidates
     return found
+
+
+def _failure(traceback_text: str) -> str:
+    """The error a FAILED marker records: the last exception's type and message, on one line.
+
+    Not the traceback's last line alone, which for an exception with a multi-line message (a YAML parser's
+    points at the column with a "^") says nothing.
+    """
+    lines = traceback_text.strip().splitlines()
+    if not lines:
+        return "failed (the FAILED marker is empty)"
+    headers = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    start = headers[-1] + 1 if headers else len(lines) - 1
+    # After the header: indented frame lines, then the exception's own lines.
+    while start < len(lines) - 1 and lines[start].startswith(" "):
+        start += 1
+    message = " ".join(line.strip() for line in lines[start:] if not set(line.strip()) <= set("^~"))
+    return message[:500] + (" ..." if len(message) > 500 else "")
+
+
+class MetricsError(ValueError):
+    """A metrics.json the tables cannot read: the message says which key and what is wrong."""
+
+
+# The numbers of an evaluation the tables read; each, where present, a number.
+EVALUATED = ("reward", "ppl_paper", "ppl_exact", "rm_accuracy_paper")
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json with the parts the tables read checked (raises MetricsError naming the key)."""
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise MetricsError(
+            f"not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); a truncated file?"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise MetricsError(f"cannot be read: {error}") from None
+    if not isinstance(metrics, dict):
+        raise MetricsError(f"expected a JSON object, got {type(metrics).__name__} {json.dumps(metrics)[:40]}")
+    for key in ("initial", "final"):
+        if key not in metrics:
+            raise MetricsError(f"no {key!r} evaluation (a finished run writes 'initial' and 'final')")
+        _check_evaluated(metrics[key], key)
+    dataset = metrics.get("dataset", {})
+    if not isinstance(dataset, dict):
+        raise MetricsError(f"'dataset': expected an object of evaluations, got {type(dataset).__name__}")
+    for name, evaluated in dataset.items():
+        _check_evaluated(evaluated, f"dataset.{name}")
+    samples = metrics.get("samples") or {}
+    if not isinstance(samples, dict):
+        raise MetricsError(f"'samples': expected an object, got {type(samples).__name__}")
+    for sample_set, stats in samples.items():
+        if stats is not None and not (
+            isinstance(stats, dict) and all(_is_number(stats.get(k)) for k in ("mean", "std", "max"))
+        ):
+            raise MetricsError(f"'samples.{sample_set}': expected an object with numbers 'mean', 'std' and 'max'")
+    if "reward_model_accuracy" in metrics and not _is_number(metrics["reward_model_accuracy"]):
+        raise MetricsError(f"'reward_model_accuracy': {metrics['reward_model_accuracy']!r} is not a number")
+    return metrics
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_evaluated(evaluated: Any, key: str) -> None:
+    if not isinstance(evaluated, dict):
+        raise MetricsError(f"{key!r}: expected an object, got {type(evaluated).__name__}")
+    if not isinstance(evaluated.get("artifact"), str):
+        raise MetricsError(f"'{key}.artifact': missing or not a string")
+    for name in EVALUATED:
+        if name in evaluated and evaluated[name] is not None and not _is_number(evaluated[name]):
+            raise MetricsError(f"'{key}.{name}': {evaluated[name]!r} is not a number")
+
+
+def _observe(folder: Path, cfg: DictConfig, metrics: dict[str, Any], ppl: str, samples: str) -> Collection:
+    """What one finished run provides: its observations, training log and candidates."""
+    run = Collection()
+    family = cfg.task.get("family", "hh")
+    stands_in = cfg.model.get("stands_in_for")  # a paper model has none
+    stands_in = OmegaConf.to_container(stands_in) if stands_in is not None else {}
+    model = {fam: stands_in.get(fam, cfg.model.name) for fam in ("hh", "imdb")}
+    ours = f"{cfg.model.name} / {cfg.task.name}"
+    measured = {"judge": str(cfg.eval.get("judge", "?")), "reward": _reward_model(cfg.reward)}
+
+    def add(
+        key: dict,
+        values: dict,
+        artifact: str,
+        ours: str = ours,
+        seed: int = cfg.seed,
+        family: str = family,
+        measured: dict = measured,
+    ) -> None:
+        run.observations.append(Observation(key, ours, seed, values, artifact, family, measured))
+
+    add(
+        {"model": model, "sampling": "none", "method": "none"},
+        _values(metrics["initial"], None, ppl),
+        metrics["initial"]["artifact"],
+    )
+    if cfg.method.name in ("best_of_n", "sft", "ppo"):  # no candidates of a sampling setting
+        extra = {"n": cfg.method.n} if cfg.method.name == "best_of_n" else {}
+        if cfg.method.name == "ppo":
+            extra["kl_coef"] = float(cfg.method.ppo.init_kl_coef)
+        add(
+            {"model": model, "sampling": "none", "method": cfg.method.name, **extra},
+            _values(metrics["final"], None, ppl),
+            metrics["final"]["artifact"],
+        )
+    elif cfg.method.name != "none":
+        train_args = cfg.method.get("train_args") or {}
+        setting = {"hh": cfg.sampling.name, "imdb": cfg.sampling.get("table10_setting")}
+        if cfg.sampling.get("table10_setting"):
+            setting["hh"] = None  # an IMDB-appendix setting: not a row of the HH tables
+        add(
+            {
+                "model": model,
+                "sampling": setting,
+                "method": cfg.method.name,
+                "rank_weight": float(train_args.get("rank_weight", 1.0)),
+                "kl_coef": float(cfg.sampling.get("kl_coef") or 0.0),
+            },
+            _values(metrics["final"], metrics.get("samples"), ppl, samples),
+            metrics["final"]["artifact"],
+        )
+    if metrics.get("train_log") and Path(metrics["train_log"]).exists():
+        run.train_logs[f"{ours} {cfg.sampling.name} seed {cfg.seed} ({folder.name})"] = Path(metrics["train_log"])
+    if metrics.get("candidates") and Path(metrics["candidates"]).exists():
+        run.candidates[f"{cfg.sampling.name} / {ours}"] = Path(metrics["candidates"])
+    for name, evaluated in metrics.get("dataset", {}).items():
+        add(
+            {"model": None, "sampling": "none", "method": "none", "responses": f"dataset_{name}"},
+            _values(evaluated, None, ppl),
+            evaluated["artifact"],
+            ours=f"data set / {cfg.task.name}",
+        )
+    if "reward_model_accuracy" in metrics:
+        scorer = cfg.reward.get("stands_in_for", cfg.reward.name)
+        add(
+            {"model": None, "sampling": "none", "method": "none", "scorer": scorer},
+            {"Accuracy": 100 * metrics["reward_model_accuracy"]},
+            f"rm:{cfg.reward.name}:{ours}",
+            ours=f"{cfg.reward.name} / {cfg.task.name}",
+        )
+    return run
 
 
 def _matches(row_key: dict, obs: Observation, family: str) -> bool:
@@ -190,15 +325,37 @@ def build_table(number: int, spec: dict, entries: dict, observations: list[Obser
                 groups.setdefault(measured, []).append(obs)
         for (ours, judge, reward), group in sorted(groups.items()) or [(("", "", ""), [])]:
             cells = _cells(group, spec["columns"])
-            record = {"row": row_id, **dict(zip(spec["label_columns"], row["label"])), "ours": ours,
-                      "judge": judge, "reward": reward}
+            record = {
+                "row": row_id,
+                **dict(zip(spec["label_columns"], row["label"])),
+                "ours": ours,
+                "judge": judge,
+                "reward": reward,
+            }
             for column in spec["columns"]:
                 paper = entries.get((number, row_id, column), math.nan)
                 mean, spread, seeds = cells.get(column, (math.nan, math.nan, 0))
-                record |= {f"{column} paper": paper, f"{column} ours": mean, f"{column} spread": spread,
-                           f"{column} diff": mean - paper, f"{column} seeds": seeds}
+                record |= {
+                    f"{column} paper": paper,
+                    f"{column} ours": mean,
+                    f"{column} spread": spread,
+                    f"{column} diff": mean - paper,
+                    f"{column} seeds": seeds,
+                }
             records.append(record)
-    return pd.DataFrame.from_records(records)
+    frame = pd.DataFrame.from_records(records)
+    # Kept with the frame, so that every file written from it (or from a selection of its columns) prints alike.
+    frame.attrs["digits"] = precision(number, spec)
+    return frame
+
+
+def precision(number: int, spec: dict) -> dict[str, int]:
+    """Decimals per column of reference table `number`, as the paper prints them (reference.yaml's `precision`)."""
+    given = spec.get("precision") or {}
+    lacking = [c for c in spec["columns"] if c not in given]
+    if lacking:  # no guess from the float values: 0.990 is stored as 0.99
+        raise ValueError(f"reference table {number} gives no precision for columns {lacking}")
+    return {column: int(given[column]) for column in spec["columns"]}
 
 
 def _latex_text(text: Any) -> str:
@@ -213,17 +370,23 @@ def _sentence(text: str) -> str:
     return text if text.rstrip().endswith(".") else text + "."
 
 
-def _number(value: float, spread: float = 0.0, seeds: int = 1) -> str:
+def _number(value: float, digits: int, spread: float = 0.0, seeds: int = 1) -> str:
     if value is None or math.isnan(value):
         return "--"
-    return f"{value:.{DIGITS}f}" + (f" $\\pm$ {spread:.{DIGITS}f}" if seeds > 1 else "")
+    return f"{value:.{digits}f}" + (f" $\\pm$ {spread:.{digits}f}" if seeds > 1 else "")
 
 
-def _printed(value: Any) -> Any:
-    """A number as the tables print it (the same rounding as `_number`), for the CSV files."""
-    if isinstance(value, float) and not math.isnan(value):
-        return float(f"{value:.{DIGITS}f}")
+def _printed(value: Any, digits: int) -> Any:
+    """A number as the tables print it (the same rounding as `_number`, trailing zeros kept), for the CSV files."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
     return value
+
+
+def _column_digits(name: str, digits: dict[str, int]) -> int | None:
+    """The decimals of a frame column ("Reward ours", "PPL diff", ...); None for labels and seed counts."""
+    column, _, part = name.rpartition(" ")
+    return digits.get(column) if part in ("paper", "ours", "spread", "diff") else None
 
 
 def _measured(spec: dict, frame: pd.DataFrame) -> dict[str, list[str]]:
@@ -256,8 +419,11 @@ def _per_row(measured: dict[str, list[str]]) -> list[str]:
 def _samples_text(spec: dict, samples: str) -> str:
     if "Mean" not in spec["columns"]:
         return ""
-    return ("Mean / Std. / Max over all training candidates of a setting, the data set's included. "
-            if samples == "all" else "Mean / Std. / Max over the generated training candidates only. ")
+    return (
+        "Mean / Std. / Max over all training candidates of a setting, the data set's included. "
+        if samples == "all"
+        else "Mean / Std. / Max over the generated training candidates only. "
+    )
 
 
 def _columns(tuples: list[tuple[str, ...]]) -> pd.Index:
@@ -267,29 +433,44 @@ def _columns(tuples: list[tuple[str, ...]]) -> pd.Index:
     return pd.MultiIndex.from_tuples(tuples)
 
 
-def _styled_latex(cells: list[list[str]], columns: pd.Index, n_labels: int, caption: str, label: str,
-                  bold: set[tuple[int, int]] | frozenset = frozenset()) -> str:
+def _styled_latex(
+    cells: list[list[str]],
+    columns: pd.Index,
+    n_labels: int,
+    caption: str,
+    label: str,
+    bold: set[tuple[int, int]] | frozenset = frozenset(),
+) -> str:
     """A booktabs table through pandas' Styler: cells and headers are LaTeX already (no escaping), the
     cells in `bold` (row, column positions) set in bold."""
     frame = pd.DataFrame(cells, columns=columns) if cells else pd.DataFrame(columns=columns)
     styler = frame.style.hide(axis="index")
     if bold:
-        props = [["textbf:--rwrap;" if (i, j) in bold else "" for j in range(frame.shape[1])]
-                 for i in range(frame.shape[0])]
+        props = [
+            ["textbf:--rwrap;" if (i, j) in bold else "" for j in range(frame.shape[1])] for i in range(frame.shape[0])
+        ]
         styler = styler.apply(lambda _: pd.DataFrame(props, index=frame.index, columns=frame.columns), axis=None)
-    return styler.to_latex(column_format="l" * n_labels + "r" * (frame.shape[1] - n_labels), hrules=True,
-                           caption=_latex_text(caption), label=label, position="t", position_float="centering",
-                           multicol_align="c")
+    return styler.to_latex(
+        column_format="l" * n_labels + "r" * (frame.shape[1] - n_labels),
+        hrules=True,
+        caption=_latex_text(caption),
+        label=label,
+        position="t",
+        position_float="centering",
+        multicol_align="c",
+    )
 
 
 def _label_cells(spec: dict, r: pd.Series, per_row: list[str]) -> list[str]:
-    return ([_latex_text(r[c]) for c in spec["label_columns"]] + [_latex_text(r["ours"]) or "--"]
-            + [_latex_text(r[m]) or "--" for m in per_row])
+    return (
+        [_latex_text(r[c]) for c in spec["label_columns"]]
+        + [_latex_text(r["ours"]) or "--"]
+        + [_latex_text(r[m]) or "--" for m in per_row]
+    )
 
 
 def _label_headers(spec: dict, ours: str, per_row: list[str]) -> list[str]:
-    return ([_latex_text(c) or "Method" for c in spec["label_columns"]] + [ours]
-            + [PER_ROW_HEADER[m] for m in per_row])
+    return [_latex_text(c) or "Method" for c in spec["label_columns"]] + [ours] + [PER_ROW_HEADER[m] for m in per_row]
 
 
 def ours_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str, samples: str = "all") -> str:
@@ -305,22 +486,26 @@ def ours_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str, samples: 
         if column not in NOT_RANKED and len(values) > 1 and MEASURED_BY.get(column) not in per_row:
             best[column] = values.min() if column in LOWER_IS_BETTER else values.max()
     lines, bold = [], set()
+    digits = precision(number, spec)
     n_labels = len(spec["label_columns"]) + 1 + len(per_row)
     for i, (_, r) in enumerate(frame.iterrows()):
         cells = _label_cells(spec, r, per_row)
         for j, column in enumerate(spec["columns"]):
-            cells.append(_number(r[f"{column} ours"], r[f"{column} spread"], r[f"{column} seeds"]))
+            cells.append(_number(r[f"{column} ours"], digits[column], r[f"{column} spread"], r[f"{column} seeds"]))
             if r["ours"] and best.get(column) == r[f"{column} ours"]:
                 bold.add((i, n_labels + j))
         lines.append(cells)
     headers = [(h, "") for h in _label_headers(spec, "Model / task (ours)", per_row)]
     for column in spec["columns"]:
         names = measured.get(MEASURED_BY.get(column), [])
-        headers.append((_latex_text(column), _latex_text(names[0]) if len(names) == 1 else
-                        ("per row" if names else "")))
-    caption = (f"{_sentence(spec.get('caption') or spec['name'])} Our runs; rows name the model and task that made "
-               f"them, dashes where no run fills a row. {_measured_text(spec, measured)}{_samples_text(spec, samples)}"
-               f"PPL in {ppl} mode; mean $\\pm$ std over seeds where there are several.")
+        headers.append(
+            (_latex_text(column), _latex_text(names[0]) if len(names) == 1 else ("per row" if names else ""))
+        )
+    caption = (
+        f"{_sentence(spec.get('caption') or spec['name'])} Our runs; rows name the model and task that made "
+        f"them, dashes where no run fills a row. {_measured_text(spec, measured)}{_samples_text(spec, samples)}"
+        f"PPL in {ppl} mode; mean $\\pm$ std over seeds where there are several."
+    )
     return _styled_latex(lines, _columns(headers), n_labels, caption, f"tab:table{number}", bold)
 
 
@@ -328,70 +513,160 @@ def side_by_side_latex(number: int, spec: dict, frame: pd.DataFrame, ppl: str, s
     """Every paper row with the paper's value, ours and the difference; a dash where either is missing."""
     measured = _measured(spec, frame)
     per_row = _per_row(measured)
-    lines = []
+    lines, digits = [], precision(number, spec)
     for _, r in frame.iterrows():
         cells = _label_cells(spec, r, per_row)
         for column in spec["columns"]:
-            cells += [_number(r[f"{column} paper"]), _number(r[f"{column} ours"]), _number(r[f"{column} diff"])]
+            # The difference too, so that it reads against both numbers it is taken from.
+            cells += [_number(r[f"{column} {part}"], digits[column]) for part in ("paper", "ours", "diff")]
         lines.append(cells)
     headers = [(h, "") for h in _label_headers(spec, "Ours from", per_row)]
     for column in spec["columns"]:
         headers += [(_latex_text(column), "paper"), (_latex_text(column), "ours"), (_latex_text(column), r"$\Delta$")]
-    caption = (f"{_sentence(spec.get('caption') or spec['name'])} Paper and ours side by side (PPL in {ppl} mode); "
-               f"ours come from the model and task named in each row. {_measured_text(spec, measured)}"
-               f"{_samples_text(spec, samples)}")
-    return _styled_latex(lines, _columns(headers), len(spec["label_columns"]) + 1 + len(per_row), caption.strip(),
-                         f"tab:table{number}-vs-paper")
+    caption = (
+        f"{_sentence(spec.get('caption') or spec['name'])} Paper and ours side by side (PPL in {ppl} mode); "
+        f"ours come from the model and task named in each row. {_measured_text(spec, measured)}"
+        f"{_samples_text(spec, samples)}"
+    )
+    return _styled_latex(
+        lines,
+        _columns(headers),
+        len(spec["label_columns"]) + 1 + len(per_row),
+        caption.strip(),
+        f"tab:table{number}-vs-paper",
+    )
 
 
 def _csv(frame: pd.DataFrame) -> str:
-    return frame.map(_printed).to_csv(index=False)
+    """The frame with its numbers as the tables print them: text, so 0.990 stays 0.990 (empty where missing)."""
+    printed = frame.copy()
+    for name in frame.columns:
+        digits = _column_digits(name, frame.attrs["digits"])
+        if digits is not None:
+            printed[name] = [_printed(float(v), digits) for v in frame[name]]
+    return printed.to_csv(index=False)
 
 
-def collate(results: Path, out: Path, *, reference: Path = REFERENCE, ppl: str = "paper", samples: str = "all",
-            strict: bool = False) -> list[Path]:
+def collate(
+    results: Path,
+    out: Path,
+    *,
+    reference: Path = REFERENCE,
+    ppl: str = "paper",
+    samples: str = "all",
+    strict: bool = False,
+    force: bool = False,
+) -> list[Path]:
     """Write every table of the paper that a run can fill (dashes where none does); return the files written.
 
     `samples` picks Table 6's Mean / Std. / Max: over "all" training candidates (the paper's) or the
     "sampled" ones. With `strict`, a missing cell of a table that some run fills, or a failed run, is an error.
+    A table that would have fewer filled cells than the one in `out` is refused (CollateError, nothing written),
+    as a mistyped or emptied results folder would otherwise wipe the tables; `force` replaces it anyway.
     """
     if samples not in SAMPLE_SETS:
         raise ValueError(f"samples={samples!r}: expected one of {SAMPLE_SETS}")
+    results, out = Path(results), Path(out)
+    if not results.is_dir():
+        raise CollateError(
+            f"{results}: {'not a folder' if results.exists() else 'no such folder'}; expected the "
+            "folder holding the runs (paths.results, e.g. results/)"
+        )
+    if out.exists() and not out.is_dir():
+        raise CollateError(f"{out}: not a folder; expected the folder the tables are written to (--out, paths.tables)")
     ref = yaml.safe_load(reference.read_text())
     entries = {(e["table"], e["row"], e["column"]): float(e["value"]) for e in ref["entries"]}
     found = find_runs(results, ppl=ppl, samples=samples)
-    out.mkdir(parents=True, exist_ok=True)
     written, missing, blocking = [], [], []
+    pending: dict[str, str] = {}
+    shrunk: list[str] = []
     for number, spec in ref["tables"].items():
         if spec.get("reference_only"):
             continue
         frame = build_table(number, spec, entries, found.observations)
         has_run = frame["ours"] != ""
-        lines = [f"Table {number}, row {r['row']} ({r['ours']}), column {c}: no value"
-                 for _, r in frame[has_run].iterrows() for c in spec["columns"] if math.isnan(r[f"{c} ours"])]
+        lines = [
+            f"Table {number}, row {r['row']} ({r['ours']}), column {c}: no value"
+            for _, r in frame[has_run].iterrows()
+            for c in spec["columns"]
+            if math.isnan(r[f"{c} ours"])
+        ]
         lines += [f"Table {number}, row {r['row']}: no run" for _, r in frame[~has_run].iterrows()]
         missing += lines
         if has_run.any():
             blocking += lines
         ours_columns = [c for c in frame.columns if not c.endswith((" paper", " diff"))]
-        files = {f"table{number}.tex": ours_latex(number, spec, frame, ppl, samples),
-                 f"table{number}.csv": _csv(frame[ours_columns]),
-                 f"table{number}_vs_paper.tex": side_by_side_latex(number, spec, frame, ppl, samples),
-                 f"table{number}_vs_paper.csv": _csv(frame)}
-        for name, text in files.items():
-            (out / name).write_text(text)
-            written.append(out / name)
+        files = {
+            f"table{number}.tex": ours_latex(number, spec, frame, ppl, samples),
+            f"table{number}.csv": _csv(frame[ours_columns]),
+            f"table{number}_vs_paper.tex": side_by_side_latex(number, spec, frame, ppl, samples),
+            f"table{number}_vs_paper.csv": _csv(frame),
+        }
+        pending |= files
+        had = _filled_in_file(out / f"table{number}.csv", spec["columns"])
+        now = int(frame[[f"{c} ours" for c in spec["columns"]]].notna().to_numpy().sum())
+        if now < had:
+            shrunk.append(f"table{number} ({had} filled cells -> {now})")
+    if shrunk and not force:
+        raise CollateError(
+            f"{out}: not replaced, as {', '.join(shrunk)} would lose cells: {results} holds fewer "
+            "finished runs than the tables were collated from (a mistyped results folder?). Nothing "
+            "was written; pass --force (python -m rrhf.tables ... --force) to replace them anyway"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in pending.items():
+        (out / name).write_text(text)
+        written.append(out / name)
     written += _plots(found, out / "plots")
     report = ["# Cells without a value in the tables written", *missing, "", "# Failed runs", *found.failed]
     (out / "missing.txt").write_text("\n".join(report) + "\n")
-    log.info("collate: %d observations, %d failed runs -> %d files in %s; %d missing cells (see %s)",
-             len(found.observations), len(found.failed), len(written), out, len(missing), out / "missing.txt")
+    log.info(
+        "collate: %d observations, %d failed runs -> %d files in %s; %d missing cells (see %s)",
+        len(found.observations),
+        len(found.failed),
+        len(written),
+        out,
+        len(missing),
+        out / "missing.txt",
+    )
     for line in found.failed:
         log.warning("failed run: %s", line)
     if strict and (blocking or found.failed):
-        raise SystemExit(f"collate --strict: {len(blocking)} missing cells in tables that runs fill, "
-                         f"{len(found.failed)} failed runs (listed in {out / 'missing.txt'})")
+        raise SystemExit(
+            f"collate --strict: {len(blocking)} missing cells in tables that runs fill, "
+            f"{len(found.failed)} failed runs (listed in {out / 'missing.txt'})"
+        )
     return written
+
+
+class CollateError(ValueError):
+    """The tables cannot be collated as asked: the message names the folder or table and how to proceed."""
+
+
+def _filled_in_file(path: Path, columns: list[str]) -> int:
+    """The filled cells of our columns in a table's CSV written before (0 where there is none to read)."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError):
+        return 0
+    ours = [f"{c} ours" for c in columns if f"{c} ours" in frame.columns]
+    return int(sum(value.strip() not in ("", "--", "nan", "NaN") for c in ours for value in frame[c]))
+
+
+def collate_after_runs(results: Path, tables: Path) -> None:
+    """Collate after a run or a sweep: the runs are finished and their metrics.json written, so a problem with
+    the tables (a refusal, a `paths.tables` that cannot be written) is a warning, never the runs' failure."""
+    try:
+        collate(Path(results), Path(tables))
+    except Exception as error:
+        log.warning(
+            "the tables in %s were not collated: %s. The runs' metrics.json are written; collate them with "
+            "`python -m rrhf.tables %s --out %s` once that is fixed",
+            tables,
+            error,
+            results,
+            tables,
+        )
 
 
 def _plots(found: Collection, out: Path) -> list[Path]:
@@ -417,7 +692,7 @@ class CollateCallback(Callback):
 
         # A sweep under torchrun runs on every rank; rank 0 writes the metrics, so it alone collates them.
         if config.get("collate", True) and rank() == 0:
-            collate(Path(config.paths.results), Path(config.paths.tables))
+            collate_after_runs(Path(config.paths.results), Path(config.paths.tables))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -426,14 +701,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("paper_tables"))
     parser.add_argument("--reference", type=Path, default=REFERENCE)
     parser.add_argument("--ppl", choices=("paper", "exact"), default="paper", help="which perplexity to show")
-    parser.add_argument("--samples", choices=SAMPLE_SETS, default="all",
-                        help="Table 6's Mean / Std. / Max: over all training candidates (the paper's) or the sampled")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail when a table that runs fill misses a cell, or a run failed")
+    parser.add_argument(
+        "--samples",
+        choices=SAMPLE_SETS,
+        default="all",
+        help="Table 6's Mean / Std. / Max: over all training candidates (the paper's) or the sampled",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="fail when a table that runs fill misses a cell, or a run failed"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace tables even where they would have fewer filled cells than before"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for path in collate(args.results, args.out, reference=args.reference, ppl=args.ppl, samples=args.samples,
-                        strict=args.strict):
+    try:
+        written = collate(
+            args.results,
+            args.out,
+            reference=args.reference,
+            ppl=args.ppl,
+            samples=args.samples,
+            strict=args.strict,
+            force=args.force,
+        )
+    except CollateError as error:
+        sys.exit(f"python -m rrhf.tables: {error}")
+    for path in written:
         print(path)
 
 

@@ -31,10 +31,23 @@ log = logging.getLogger(__name__)
 
 BASELINE = "rrhf_dp"
 ORDER = ("initial", "sft", "rrhf_dp", "dpo", "simpo", "cpo", "ppo", "ppo_hh")  # table order; others follow
-SLIDE = ("Pre-labelled input", "Responses per prompt", "Explicit reward function", "Online / offline",
-         "Reference model")
-NAMES = {"none": "Initial policy", "sft": "SFT", "rrhf": "RRHF", "dpo": "DPO", "simpo": "SimPO", "cpo": "CPO",
-         "ppo": "PPO", "best_of_n": "Best-of-n"}
+SLIDE = (
+    "Pre-labelled input",
+    "Responses per prompt",
+    "Explicit reward function",
+    "Online / offline",
+    "Reference model",
+)
+NAMES = {
+    "none": "Initial policy",
+    "sft": "SFT",
+    "rrhf": "RRHF",
+    "dpo": "DPO",
+    "simpo": "SimPO",
+    "cpo": "CPO",
+    "ppo": "PPO",
+    "best_of_n": "Best-of-n",
+}
 
 
 def group_size(cfg: DictConfig) -> int:
@@ -83,30 +96,51 @@ def slide_columns(cfg: DictConfig) -> dict[str, str]:
     if m.name == "none":
         return dict.fromkeys(SLIDE, "-")
     if m.name == "sft":
-        return dict(zip(SLIDE, ("yes: the data set's chosen responses", "1", "no: log-likelihood", "offline",
-                                "no")))
+        return dict(zip(SLIDE, ("yes: the data set's chosen responses", "1", "no: log-likelihood", "offline", "no")))
     if m.name == "ppo":
         p = m.ppo
         prompts = cfg.task.get("train_size")
         rollouts = f", {int(p.iterations) * int(p.num_rollouts) / int(prompts):g} a prompt" if prompts else ""
         scored = f"yes: {reward}" + (" minus its score of the chosen response" if p.get("delta_reward") else "")
-        reference = (f"yes: KL penalty to the initial policy (coefficient {p.init_kl_coef:g}"
-                     f"{', adaptive' if p.get('target') else ''})" if float(p.init_kl_coef) > 0 else "no")
-        return dict(zip(SLIDE, (f"no: prompts only, {reward} scores the rollouts", f"1 a rollout{rollouts}", scored,
-                                "online", reference)))
+        reference = (
+            f"yes: KL penalty to the initial policy (coefficient {p.init_kl_coef:g}"
+            f"{', adaptive' if p.get('target') else ''})"
+            if float(p.init_kl_coef) > 0
+            else "no"
+        )
+        return dict(
+            zip(
+                SLIDE,
+                (
+                    f"no: prompts only, {reward} scores the rollouts",
+                    f"1 a rollout{rollouts}",
+                    scored,
+                    "online",
+                    reference,
+                ),
+            )
+        )
     ranked = f"yes: {reward} ranks {k} candidates before training"
     if m.name == "rrhf":
         refresh = s.get("refresh_steps")
         iterations = int(s.get("iterations", 1))
-        mode = (f"online (candidates re-drawn every {refresh} steps)" if refresh
-                else f"offline, {iterations} iterations" if iterations > 1 else "offline")
+        mode = (
+            f"online (candidates re-drawn every {refresh} steps)"
+            if refresh
+            else f"offline, {iterations} iterations"
+            if iterations > 1
+            else "offline"
+        )
         kl = float(s.get("kl_coef") or 0.0)
         reference = f"yes: KL-shaped reward (beta {kl:g})" if kl else "no"
         return dict(zip(SLIDE, (ranked, f"{k} (ranked)", f"no: {_objective(cfg)}", mode, reference)))
     if m.name in LOSSES:
         pairs = m.pairs
-        responses = {"best_worst": f"2 (best and worst of {k})", "all": f"2 a pair, up to {k * (k - 1) // 2} pairs "
-                     f"of {k}", "dataset": "2 (the data set's chosen and rejected)"}[pairs]
+        responses = {
+            "best_worst": f"2 (best and worst of {k})",
+            "all": f"2 a pair, up to {k * (k - 1) // 2} pairs of {k}",
+            "dataset": "2 (the data set's chosen and rejected)",
+        }[pairs]
         labelled = "yes: the data set's chosen over rejected" if pairs == "dataset" else ranked
         reference = "yes: the frozen initial policy (log-probs cached)" if USES_REFERENCE[m.name] else "no"
         return dict(zip(SLIDE, (labelled, responses, f"no: {_objective(cfg)}", "offline", reference)))
@@ -147,20 +181,30 @@ def technique_table(arms: dict[str, Arm]) -> pd.DataFrame:
         used = [responses_used(r) for r in arm.runs]
         seconds, memory = _train_cost(arm, "seconds"), _train_cost(arm, "peak_rss_mib")
         cuda = _train_cost(arm, "cuda_peak_mib")
-        row: dict[str, Any] = {"arm": name, "technique": technique(first.config), **slide_columns(first.config),
-                               "seeds": " ".join(map(str, arm.seeds)), "reward": reward.mean(),
-                               "reward_sd": spread(reward), "ppl_paper": ppl.mean(), "ppl_exact": exact.mean(),
-                               "preference_accuracy": (float(np.mean(accuracy)) if None not in accuracy
-                                                       else None),
-                               "responses_used_per_prompt": float(np.mean(used)) if None not in used else None,
-                               "train_seconds": float(np.mean(seconds)) if seconds else None,
-                               "train_seconds_sd": spread(seconds) if seconds else None,
-                               "train_peak_rss_mib": max(memory) if memory else None,
-                               "train_cuda_peak_mib": max(cuda) if cuda else None}
+        row: dict[str, Any] = {
+            "arm": name,
+            "technique": technique(first.config),
+            **slide_columns(first.config),
+            "seeds": " ".join(map(str, arm.seeds)),
+            "reward": reward.mean(),
+            "reward_sd": spread(reward),
+            "ppl_paper": ppl.mean(),
+            "ppl_exact": exact.mean(),
+            "preference_accuracy": (float(np.mean(accuracy)) if None not in accuracy else None),
+            "responses_used_per_prompt": float(np.mean(used)) if None not in used else None,
+            "train_seconds": float(np.mean(seconds)) if seconds else None,
+            "train_seconds_sd": spread(seconds) if seconds else None,
+            "train_peak_rss_mib": max(memory) if memory else None,
+            "train_cuda_peak_mib": max(cuda) if cuda else None,
+        }
         found = compare(arm, arms[BASELINE], "reward") if BASELINE in arms and name != BASELINE else None
         if found:
-            row |= {"reward_vs_rrhf_dp": found["difference"], "ci_low": found["ci_low"],
-                    "ci_high": found["ci_high"], "seeds_compared": found["seeds"]}
+            row |= {
+                "reward_vs_rrhf_dp": found["difference"],
+                "ci_low": found["ci_low"],
+                "ci_high": found["ci_high"],
+                "seeds_compared": found["seeds"],
+            }
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -177,38 +221,59 @@ def _pm(mean: Any, sd: Any, digits: int = 3) -> str:
 
 def _setting(arms: dict[str, Arm]) -> str:
     cfg = next(iter(arms.values())).runs[0].config
-    return (f"policy `{cfg.model.name}`, task `{cfg.task.name}`, reward `{cfg.reward.name}`, "
-            f"trainer `{cfg.trainer.name}`")
+    return (
+        f"policy `{cfg.model.name}`, task `{cfg.task.name}`, reward `{cfg.reward.name}`, trainer `{cfg.trainer.name}`"
+    )
 
 
 def markdown(table: pd.DataFrame, arms: dict[str, Arm]) -> str:
     seeds = sorted({s for text in table["seeds"] for s in text.split()}, key=int)
     shared = arms[BASELINE].cost("seconds", ("sample_1", "score_1")) if BASELINE in arms else None
-    out = ["# The slide's techniques on the same candidates", "",
-           f"{_setting(arms)}; training seeds {', '.join(seeds)}. The slide's columns are derived from each "
-           "run's configuration; the others are measured (means over seeds, ± their standard deviation).", "",
-           "| Technique | " + " | ".join(SLIDE) + " |", "|---" * (len(SLIDE) + 1) + "|"]
+    out = [
+        "# The slide's techniques on the same candidates",
+        "",
+        f"{_setting(arms)}; training seeds {', '.join(seeds)}. The slide's columns are derived from each "
+        "run's configuration; the others are measured (means over seeds, ± their standard deviation).",
+        "",
+        "| Technique | " + " | ".join(SLIDE) + " |",
+        "|---" * (len(SLIDE) + 1) + "|",
+    ]
     for _, r in table.iterrows():
         out.append(f"| {r['technique']} | " + " | ".join(str(r[c]) for c in SLIDE) + " |")
-    out += ["", "| Technique | Seeds | Reward | PPL (paper) | PPL (exact) | Preference accuracy "
-            "| Responses used a prompt | Training wall s | Peak RSS MiB | Reward - RRHF-DP [95% CI] |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| Technique | Seeds | Reward | PPL (paper) | PPL (exact) | Preference accuracy "
+        "| Responses used a prompt | Training wall s | Peak RSS MiB | Reward - RRHF-DP [95% CI] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in table.iterrows():
-        delta = ("-" if pd.isna(r.get("reward_vs_rrhf_dp")) else
-                 f"{r['reward_vs_rrhf_dp']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+        delta = (
+            "-"
+            if pd.isna(r.get("reward_vs_rrhf_dp"))
+            else f"{r['reward_vs_rrhf_dp']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        )
         memory = _fmt(r["train_peak_rss_mib"], 0)
         if not pd.isna(r.get("train_cuda_peak_mib")):
             memory += f" (GPU {_fmt(r['train_cuda_peak_mib'], 0)})"
-        out.append(f"| {r['technique']} | {r['seeds']} | {_pm(r['reward'], r['reward_sd'])} "
-                   f"| {_fmt(r['ppl_paper'], 2)} | {_fmt(r['ppl_exact'], 2)} | {_fmt(r['preference_accuracy'])} "
-                   f"| {_fmt(r['responses_used_per_prompt'], 2)} | {_pm(r['train_seconds'], r['train_seconds_sd'], 1)} "
-                   f"| {memory} | {delta} |")
-    out += ["", "Preference accuracy: the share of test pairs whose chosen response the policy scores above the "
-            "rejected one (length-normalised log-likelihood, Table 5's measure). Training wall time and peak "
-            "resident memory are the train stage's (PPO's includes its rollouts); the jobs of a sweep share one "
-            "process, so resident memory includes what earlier jobs left"
-            + (f". RRHF, DPO, SimPO and CPO also share one sampling and scoring of the DP candidates "
-               f"({_fmt(float(np.mean(shared)), 1)} s)." if shared else ".")]
+        out.append(
+            f"| {r['technique']} | {r['seeds']} | {_pm(r['reward'], r['reward_sd'])} "
+            f"| {_fmt(r['ppl_paper'], 2)} | {_fmt(r['ppl_exact'], 2)} | {_fmt(r['preference_accuracy'])} "
+            f"| {_fmt(r['responses_used_per_prompt'], 2)} | {_pm(r['train_seconds'], r['train_seconds_sd'], 1)} "
+            f"| {memory} | {delta} |"
+        )
+    out += [
+        "",
+        "Preference accuracy: the share of test pairs whose chosen response the policy scores above the "
+        "rejected one (length-normalised log-likelihood, Table 5's measure). Training wall time and peak "
+        "resident memory are the train stage's (PPO's includes its rollouts); the jobs of a sweep share one "
+        "process, so resident memory includes what earlier jobs left"
+        + (
+            f". RRHF, DPO, SimPO and CPO also share one sampling and scoring of the DP candidates "
+            f"({_fmt(float(np.mean(shared)), 1)} s)."
+            if shared
+            else "."
+        ),
+    ]
     return "\n".join(out) + "\n"
 
 
@@ -218,15 +283,35 @@ def write_techniques(results: Path, out: Path) -> list[Path]:
     if not arms:
         raise FileNotFoundError(f"{results}: no finished run of experiment=techniques")
     table = technique_table(arms)
-    columns = ["technique", *SLIDE, "seeds", "reward", "ppl_paper", "ppl_exact", "preference_accuracy",
-               "responses_used_per_prompt", "train_seconds", "train_peak_rss_mib", "reward_vs_rrhf_dp", "ci_low",
-               "ci_high"]
+    columns = [
+        "technique",
+        *SLIDE,
+        "seeds",
+        "reward",
+        "ppl_paper",
+        "ppl_exact",
+        "preference_accuracy",
+        "responses_used_per_prompt",
+        "train_seconds",
+        "train_peak_rss_mib",
+        "reward_vs_rrhf_dp",
+        "ci_low",
+        "ci_high",
+    ]
     tex = table.reindex(columns=columns).astype(object)
-    files = {"techniques.md": markdown(table, arms), "techniques.csv": table.to_csv(index=False),
-             "techniques.tex": tex.where(tex.notna(), "").to_latex(
-                 index=False, escape=True, float_format="%.3f", label="tab:techniques",
-                 caption="The slide's techniques on the same candidates ("
-                 + _setting(arms).replace("`", "").replace("_", r"\_") + ").")}
+    files = {
+        "techniques.md": markdown(table, arms),
+        "techniques.csv": table.to_csv(index=False),
+        "techniques.tex": tex.where(tex.notna(), "").to_latex(
+            index=False,
+            escape=True,
+            float_format="%.3f",
+            label="tab:techniques",
+            caption="The slide's techniques on the same candidates ("
+            + _setting(arms).replace("`", "").replace("_", r"\_")
+            + ").",
+        ),
+    }
     written = write_files(out, files)
     log.info("techniques: %d arms -> %s", len(arms), out / "techniques.md")
     return written

@@ -52,8 +52,10 @@ def fallback_mode() -> str | None:
     "offline" where it would otherwise fail for want of a key."""
     if os.environ.get("WANDB_MODE") or logged_in():
         return None
-    _log.warning("wandb: no WANDB_MODE and no login (WANDB_API_KEY or `wandb login`): logging offline; "
-                "`wandb sync` uploads the run later, WANDB_MODE=disabled turns it off")
+    _log.warning(
+        "wandb: no WANDB_MODE and no login (WANDB_API_KEY or `wandb login`): logging offline; "
+        "`wandb sync` uploads the run later, WANDB_MODE=disabled turns it off"
+    )
     return "offline"
 
 
@@ -82,9 +84,15 @@ def start(cfg: Any, run_dir: Path) -> None:
         wandb.finish(exit_code=1)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), group=str(cfg.name), name=run_dir.name,
-               job_type=str(cfg.method.name), dir=str(run_dir), mode=fallback_mode(),
-               config=OmegaConf.to_container(cfg, resolve=True))
+    wandb.init(
+        project=os.environ.get("WANDB_PROJECT", PROJECT),
+        group=str(cfg.name),
+        name=run_dir.name,
+        job_type=str(cfg.method.name),
+        dir=str(run_dir),
+        mode=fallback_mode(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 def log(values: Mapping[str, Any], prefix: str = "") -> None:

@@ -36,8 +36,12 @@ class CandidateArguments(TrainingArguments):
     """
 
     semantics: str = field(default="paper", metadata={"help": "'paper' (Eqs. 1-4) or 'official' (authors' code)"})
-    model_max_length: int = field(default=192, metadata={"help": "official: query + response token budget (192 for "
-                                                                 "HH); lm: tokens kept from the end of each text"})
+    model_max_length: int = field(
+        default=192,
+        metadata={
+            "help": "official: query + response token budget (192 for HH); lm: tokens kept from the end of each text"
+        },
+    )
     max_prompt_tokens: int = field(default=256, metadata={"help": "paper: query tokens kept (sampling's limit)"})
     max_response_tokens: int = field(default=128, metadata={"help": "paper: response tokens kept, before the EOS"})
     add_pad_token: bool = field(default=False, metadata={"help": "add the authors' [PAD] token when there is none"})
@@ -64,8 +68,9 @@ class CandidateArguments(TrainingArguments):
 class RRHFArguments(CandidateArguments):
     """The RRHF options (paper Eqs. 1-4), defaulting to the paper."""
 
-    objective: str = field(default="rrhf", metadata={"help": "'rrhf', or 'lm': next-token loss over prompt + "
-                                                                  "response (trlX sft_hh)"})
+    objective: str = field(
+        default="rrhf", metadata={"help": "'rrhf', or 'lm': next-token loss over prompt + response (trlX sft_hh)"}
+    )
     rank_weight: float = field(default=1.0, metadata={"help": "weight of the ranking term (authors' rrhf_weight)"})
     length_penalty: float = field(default=1.0, metadata={"help": "exponent of the length normalisation"})
 
@@ -85,17 +90,34 @@ class RRHFTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._parts: torch.Tensor | None = None  # running [sum of rank, sum of sft, queries] since the last log
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         """RRHF loss of a batch from `RRHFCollator`: mean over its queries of rank_weight * rank + sft."""
         args = self.args
         sums, lengths = group_logprob_sums(model, inputs["groups"], layout=args.layout)
-        out = rrhf_loss(sums, lengths, inputs["reward_ranks"], semantics=args.semantics,
-                        rank_weight=args.rank_weight, length_penalty=args.length_penalty,
-                        pad_lengths=inputs["pad_lengths"], valid=inputs["valid"])
+        out = rrhf_loss(
+            sums,
+            lengths,
+            inputs["reward_ranks"],
+            semantics=args.semantics,
+            rank_weight=args.rank_weight,
+            length_penalty=args.length_penalty,
+            pad_lengths=inputs["pad_lengths"],
+            valid=inputs["valid"],
+        )
         if model.training:
-            parts = torch.stack([out.rank.detach().sum(), out.sft.detach().sum(),
-                                 torch.tensor(float(out.rank.numel()), device=out.rank.device)])
+            parts = torch.stack(
+                [
+                    out.rank.detach().sum(),
+                    out.sft.detach().sum(),
+                    torch.tensor(float(out.rank.numel()), device=out.rank.device),
+                ]
+            )
             self._parts = parts if self._parts is None else self._parts + parts
         if return_outputs:
             return out.loss, {"rank": out.rank, "sft": out.sft, "logp_sums": sums, "lengths": lengths}
@@ -127,8 +149,10 @@ class PairwiseArguments(CandidateArguments):
     beta: float | None = field(default=None, metadata={"help": "scale of the margin inside the sigmoid"})
     gamma: float | None = field(default=None, metadata={"help": "SimPO's target margin"})
     alpha: float | None = field(default=None, metadata={"help": "CPO's weight of the NLL of the preferred response"})
-    dataset_responses: list[str] = field(default_factory=list, metadata={
-        "help": "the data set's responses at the end of each group, in order (sampling.dataset_responses)"})
+    dataset_responses: list[str] = field(
+        default_factory=list,
+        metadata={"help": "the data set's responses at the end of each group, in order (sampling.dataset_responses)"},
+    )
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -138,8 +162,9 @@ class PairwiseArguments(CandidateArguments):
         needed = ["beta"] + ["gamma"] * (self.loss == "simpo") + ["alpha"] * (self.loss == "cpo")
         missing = [name for name in needed if getattr(self, name) is None]
         if missing:
-            raise ValueError(f"method={self.loss} needs method.train_args.{missing[0]} (conf/method/{self.loss}.yaml "
-                             "sets it)")
+            raise ValueError(
+                f"method={self.loss} needs method.train_args.{missing[0]} (conf/method/{self.loss}.yaml sets it)"
+            )
         super().__post_init__()
 
 
@@ -161,19 +186,31 @@ class PairwiseTrainer(Trainer):
             self.add_callback(_ReferencePass(self))
 
     @classmethod
-    def from_records(cls, records: list[dict[str, Any]], *, args: PairwiseArguments, output_dir: Path,
-                     **kwargs: Any) -> PairwiseTrainer:
+    def from_records(
+        cls, records: list[dict[str, Any]], *, args: PairwiseArguments, output_dir: Path, **kwargs: Any
+    ) -> PairwiseTrainer:
         """A trainer on the pairs of {query, responses, scores} records; writes output_dir/pairs.json."""
         examples, stats = pair_examples(records, args.pairs, dataset_responses=args.dataset_responses)
         if not examples:
-            raise ValueError(f"method.pairs={args.pairs}: no group of the training file gives a pair "
-                             f"({stats['skipped_ties']} groups whose rewards all tie)")
+            raise ValueError(
+                f"method.pairs={args.pairs}: no group of the training file gives a pair "
+                f"({stats['skipped_ties']} groups whose rewards all tie)"
+            )
         write_json_atomic(Path(output_dir) / "pairs.json", stats)
-        collator = PairwiseCollator(kwargs["processing_class"], semantics=args.semantics,
-                                    model_max_length=args.model_max_length, max_prompt_tokens=args.max_prompt_tokens,
-                                    max_response_tokens=args.max_response_tokens)
-        return cls(args=args, train_dataset=examples, data_collator=collator,
-                   reference_cache=Path(output_dir) / "reference_logprobs.jsonl", **kwargs)
+        collator = PairwiseCollator(
+            kwargs["processing_class"],
+            semantics=args.semantics,
+            model_max_length=args.model_max_length,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_response_tokens=args.max_response_tokens,
+        )
+        return cls(
+            args=args,
+            train_dataset=examples,
+            data_collator=collator,
+            reference_cache=Path(output_dir) / "reference_logprobs.jsonl",
+            **kwargs,
+        )
 
     def attach_reference(self, model: torch.nn.Module) -> None:
         """Give every training example its reference log-prob sums: from the cache, else computed with `model`."""
@@ -181,21 +218,33 @@ class PairwiseTrainer(Trainer):
         if self.reference_cache is not None and self.reference_cache.exists():
             sums = read_jsonl(self.reference_cache)
             if len(sums) != len(examples) or any(len(s) != len(e["responses"]) for s, e in zip(sums, examples)):
-                raise ValueError(f"{self.reference_cache}: cached reference log-probs do not match the training "
-                                 "examples; remove the file to recompute them")
+                raise ValueError(
+                    f"{self.reference_cache}: cached reference log-probs do not match the training "
+                    "examples; remove the file to recompute them"
+                )
         else:
             was_training = model.training
             model.eval()
-            sums = reference_sums(model, self.data_collator, examples,
-                                  batch_size=self.args.per_device_train_batch_size, layout=self.args.layout)
+            sums = reference_sums(
+                model,
+                self.data_collator,
+                examples,
+                batch_size=self.args.per_device_train_batch_size,
+                layout=self.args.layout,
+            )
             model.train(was_training)
             if self.reference_cache is not None and self.is_world_process_zero():
                 write_jsonl(self.reference_cache, sums)
         for example, values in zip(examples, sums):
             example["reference"] = values
 
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, Any]]:
         """The method's loss over the batch's pairs (a mean over pairs, plus CPO's NLL term)."""
         args = self.args
         sums, lengths = group_logprob_sums(model, inputs["groups"], layout=args.layout)
@@ -205,15 +254,35 @@ class PairwiseTrainer(Trainer):
             if inputs.get("reference") is None:
                 raise RuntimeError("DPO batch without reference log-probs: attach_reference() did not run")
             width = sums.shape[1]
-            ref = torch.tensor([row + [0.0] * (width - len(row)) for row in inputs["reference"]],
-                               dtype=torch.float64, device=sums.device)
+            ref = torch.tensor(
+                [row + [0.0] * (width - len(row)) for row in inputs["reference"]],
+                dtype=torch.float64,
+                device=sums.device,
+            )
             ref_c, ref_r = ref[g, c], ref[g, r]
-        out = pairwise_loss(args.loss, sums[g, c], sums[g, r], lengths[g, c], lengths[g, r], beta=args.beta,
-                            gamma=args.gamma or 0.0, alpha=args.alpha or 0.0, ref_chosen=ref_c, ref_rejected=ref_r)
+        out = pairwise_loss(
+            args.loss,
+            sums[g, c],
+            sums[g, r],
+            lengths[g, c],
+            lengths[g, r],
+            beta=args.beta,
+            gamma=args.gamma or 0.0,
+            alpha=args.alpha or 0.0,
+            ref_chosen=ref_c,
+            ref_rejected=ref_r,
+        )
         if model.training:
-            parts = torch.stack([out.preference.detach().sum(), out.nll.detach(), out.margin.detach().sum(),
-                                 (out.margin.detach() > 0).sum().to(out.nll), out.nll.new_tensor(float(len(g))),
-                                 out.nll.new_tensor(1.0)]).float()
+            parts = torch.stack(
+                [
+                    out.preference.detach().sum(),
+                    out.nll.detach(),
+                    out.margin.detach().sum(),
+                    (out.margin.detach() > 0).sum().to(out.nll),
+                    out.nll.new_tensor(float(len(g))),
+                    out.nll.new_tensor(1.0),
+                ]
+            ).float()
             self._parts = parts if self._parts is None else self._parts + parts
         if return_outputs:
             return out.loss, {"preference": out.preference, "nll": out.nll, "margin": out.margin}
@@ -224,8 +293,12 @@ class PairwiseTrainer(Trainer):
         if "loss" in logs and self._parts is not None:
             parts = self.accelerator.reduce(self._parts, reduction="sum")
             preference, nll, margin, correct, pairs, batches = parts.tolist()
-            logs |= {"preference_loss": round(preference / pairs, 6), "nll_loss": round(nll / batches, 6),
-                     "reward_margin": round(margin / pairs, 6), "reward_accuracy": round(correct / pairs, 6)}
+            logs |= {
+                "preference_loss": round(preference / pairs, 6),
+                "nll_loss": round(nll / batches, 6),
+                "reward_margin": round(margin / pairs, 6),
+                "reward_accuracy": round(correct / pairs, 6),
+            }
             self._parts = None
         super().log(logs, start_time)
 
@@ -240,6 +313,8 @@ class _ReferencePass(TrainerCallback):
         cache = self.trainer.reference_cache
         if state.global_step > 0 and (cache is None or not cache.exists()):
             # The model holds a checkpoint's weights now, not the initial policy's.
-            raise RuntimeError(f"resuming DPO at step {state.global_step} without its cached reference log-probs "
-                               f"({cache}): start the stage again from an empty folder")
+            raise RuntimeError(
+                f"resuming DPO at step {state.global_step} without its cached reference log-probs "
+                f"({cache}): start the stage again from an empty folder"
+            )
         self.trainer.attach_reference(self.trainer.model_wrapped)

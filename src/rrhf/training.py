@@ -23,15 +23,24 @@ from rrhf.trainer import PairwiseArguments, PairwiseTrainer, RRHFArguments, RRHF
 
 def last_checkpoint(folder: str | Path) -> str | None:
     """The newest complete checkpoint under `folder` (its trainer_state.json is written last), or None."""
-    done = [p for p in Path(folder).glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    done = [
+        p
+        for p in Path(folder).glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()
+    ]
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
-def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path, *,
-          args: RRHFArguments | PairwiseArguments,
-          callbacks: list[TrainerCallback] | None = None, online: OnlineSettings | None = None,
-          trust_remote_code: bool = False) -> Path:
+def train(
+    model_path: str | Path,
+    train_file: str | Path,
+    output_dir: str | Path,
+    *,
+    args: RRHFArguments | PairwiseArguments,
+    callbacks: list[TrainerCallback] | None = None,
+    online: OnlineSettings | None = None,
+    trust_remote_code: bool = False,
+) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
     Checkpoints go to args.output_dir (the pipeline uses output_dir/"checkpoints") and training resumes from
@@ -58,30 +67,54 @@ def train(model_path: str | Path, train_file: str | Path, output_dir: str | Path
     if args.add_pad_token:
         add_pad_token(model, tokenizer)
     records = read_training_file(train_file)
-    collator = RRHFCollator(tokenizer, semantics=args.semantics, model_max_length=args.model_max_length,
-                            max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens)
+    collator = RRHFCollator(
+        tokenizer,
+        semantics=args.semantics,
+        model_max_length=args.model_max_length,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_response_tokens=args.max_response_tokens,
+    )
     resume = last_checkpoint(args.output_dir)
     language_model = isinstance(args, RRHFArguments) and args.objective == "lm"
     if (language_model or isinstance(args, PairwiseArguments)) and online is not None:
         raise ValueError("online sampling (OP-k, sampling.refresh_steps) is RRHF's; this method trains on fixed data")
     with tracking.trainer_run(args.report_to, output_dir):
         if isinstance(args, PairwiseArguments):  # DPO, SimPO, CPO on pairs of the file's groups
-            trainer = PairwiseTrainer.from_records(records, args=args, output_dir=output_dir, model=model,
-                                                   processing_class=tokenizer, callbacks=callbacks)
+            trainer = PairwiseTrainer.from_records(
+                records, args=args, output_dir=output_dir, model=model, processing_class=tokenizer, callbacks=callbacks
+            )
         elif language_model:
-            trainer = Trainer(model=model, args=args, train_dataset=records,
-                              data_collator=LMCollator(tokenizer, max_length=args.model_max_length),
-                              processing_class=tokenizer, callbacks=callbacks)
+            trainer = Trainer(
+                model=model,
+                args=args,
+                train_dataset=records,
+                data_collator=LMCollator(tokenizer, max_length=args.model_max_length),
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
         elif online is None:
-            trainer = RRHFTrainer(model=model, args=args, train_dataset=records, data_collator=collator,
-                                  processing_class=tokenizer, callbacks=callbacks)
+            trainer = RRHFTrainer(
+                model=model,
+                args=args,
+                train_dataset=records,
+                data_collator=collator,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
         else:
-            candidates = online.candidates(records, collator, model, output_dir / "online",
-                                           run_schedule(len(records), args))
+            candidates = online.candidates(
+                records, collator, model, output_dir / "online", run_schedule(len(records), args)
+            )
             if resume is not None:
                 candidates.resume_at(int(Path(resume).name.split("-")[-1]))
-            trainer = OnlineRRHFTrainer(model=model, args=args, candidates=candidates, collator=collator,
-                                        processing_class=tokenizer, callbacks=callbacks)
+            trainer = OnlineRRHFTrainer(
+                model=model,
+                args=args,
+                candidates=candidates,
+                collator=collator,
+                processing_class=tokenizer,
+                callbacks=callbacks,
+            )
         trainer.train(resume_from_checkpoint=resume)
     final = output_dir / "model"
     trainer.save_model(str(final))

@@ -52,8 +52,9 @@ class Perplexity(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, model_id: str, mode: str = "paper", batch_size: int = 8,
-                 device: str | None = None) -> dict:
+    def _compute(
+        self, predictions, model_id: str, mode: str = "paper", batch_size: int = 8, device: str | None = None
+    ) -> dict:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32).to(device)
         tokenizer = AutoTokenizer.from_pretrained(model_id)
