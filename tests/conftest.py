@@ -1,11 +1,8 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Tests never reach the Hugging Face Hub: a Hub name fails at once instead of retrying for ~45 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,20 +38,10 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     equal); yields (folder, the finished process). Its folder holds artifacts/, results/ and tables/; the model
     cache is the folder's parent's cache/, as in the modules' own `_run` helpers, so a rerun there is free.
     Tests read it, rerun it with the same overrides, or write beside it; none changes what it built."""
+    from fixtures.runs import run_py
+
     tmp = tmp_path_factory.mktemp("smoke")
-    env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    env.pop("RRHF_CRASH_AT", None)
-    cmd = [
-        sys.executable,
-        "run.py",
-        "experiment=smoke",
-        f"paths.artifacts={tmp}/artifacts",
-        f"paths.results={tmp}/results",
-        f"paths.tables={tmp}/tables",
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return tmp, result
+    return tmp, run_py(tmp, "experiment=smoke", cache=tmp.parent / "cache", timeout=600)
 
 
 @pytest.hookimpl(wrapper=True)

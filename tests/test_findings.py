@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures.latex import compile_table
+from fixtures.runs import TINY_SWEEP
 from omegaconf import OmegaConf
 
 from rrhf.findings import CLAIMS, claim_verdict, comparison_verdict, load_arms, write_findings
@@ -122,15 +123,8 @@ def test_findings_sweep_runs_every_arm_through_run_py_on_the_tiny_model(tmp_path
         sys.executable,
         "run.py",
         "experiment=findings",
-        "model=tiny",
-        "eval.judge=embedded:tiny",
-        "task.train_size=8",
-        "task.test_size=4",
-        "task.max_new_tokens=8",
-        "sampling.batch_size=4",
+        *TINY_SWEEP,
         "trainer.args.max_steps=3",
-        "trainer.args.save_steps=2",
-        "trainer.args.report_to=[]",
         "findings_scale.op_refresh_steps=1",
         "findings_scale.ppo_iterations=2",
         "seed=1",

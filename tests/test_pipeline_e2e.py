@@ -7,24 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures.runs import run_py
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RRHF_CACHE": str(tmp.parent / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    cmd = [
-        sys.executable,
-        "run.py",
-        "experiment=smoke",
-        f"paths.artifacts={tmp}/artifacts",
-        f"paths.results={tmp}/results",
-        f"paths.tables={tmp}/tables",
-        *overrides,
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return run_py(tmp, "experiment=smoke", *overrides, cache=tmp.parent / "cache", timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures.runs import TINY_SWEEP
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -237,15 +238,8 @@ def test_offline_table3_sweep_on_the_tiny_model(tmp_path: Path) -> None:
         "run.py",
         "experiment=offline/table3",
         "judge=reward_model",
-        "model=tiny",
-        "eval.judge=embedded:tiny",
-        "task.train_size=8",
-        "task.test_size=4",
-        "task.max_new_tokens=8",
-        "sampling.batch_size=4",
+        *TINY_SWEEP,
         "trainer.args.max_steps=3",
-        "trainer.args.save_steps=2",
-        "trainer.args.report_to=[]",
         "findings_scale.ppo_iterations=2",
         "table3.shared=3",
         f"paths.artifacts={tmp_path}/artifacts",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from fixtures.latex import compile_table
+from fixtures.runs import TINY_SWEEP
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -82,15 +83,8 @@ def test_techniques_sweep_on_the_tiny_model(tmp_path: Path) -> None:
         sys.executable,
         "run.py",
         "experiment=techniques",
-        "model=tiny",
-        "eval.judge=embedded:tiny",
-        "task.train_size=8",
-        "task.test_size=4",
-        "task.max_new_tokens=8",
-        "sampling.batch_size=4",
+        *TINY_SWEEP,
         "trainer.args.max_steps=2",
-        "trainer.args.save_steps=2",
-        "trainer.args.report_to=[]",
         # One PPO round of 16 rollouts (`++`: only the PPO arm's method has the key).
         "findings_scale.ppo_iterations=1",
         "++method.ppo.num_rollouts=16",
