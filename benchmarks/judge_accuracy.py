@@ -1,10 +1,11 @@
 """How often an LLM judge prefers the chosen response of the offline task's test pairs (data/imdb_offline).
 
-Each (prompt, chosen, rejected) is judged with the MT-Bench-style pairwise template in both orders
-(`rrhf.judging.pairwise_judgements`): the chosen response is "A", the rejected "B". Printed: the fractions of
-pairs where the chosen response wins, the rejected wins, a tie (including every order flip), unparsed (an answer
-without a verdict) and failed requests, how many pairs got the same verdict in both orders, timings, and the
-command. The judge is the embedded SmolLM2-135M-Instruct behind a local `transformers serve` (started and
+Each (prompt, chosen, rejected) is judged with a pairwise template (--template: the MT-Bench-style
+`mt_bench_pair`, or `single_letter` for small models) in both orders (`rrhf.judging.pairwise_judgements`): the
+chosen response is "A", the rejected "B". Printed: the fractions of pairs where the chosen response wins, the
+rejected wins, a tie (including every order flip), unparsed (an answer without a verdict) and failed requests,
+how many pairs got the same verdict in both orders, timings, and the command. The judge is the embedded
+SmolLM2-135M-Instruct behind a local `transformers serve` (started and
 stopped here) unless --base-url names an endpoint already running.
 
 The task's chosen continuation is the positive one. With `--framing positive` (the default) the judge's request
@@ -13,7 +14,8 @@ alone and judges helpfulness in general, where no preference is the right one.
 
 Answers are cached (default: $RRHF_CACHE/judge_cache), so a rerun asks nothing again.
 
-    python benchmarks/judge_accuracy.py [--limit N] [--max-tokens 256] [--framing positive|plain]
+    python benchmarks/judge_accuracy.py [--limit N] [--template mt_bench_pair|single_letter] [--max-tokens N]
+                                        [--framing positive|plain]
                                         [--base-url URL --model NAME [--api-key-env VAR]] [--out judgements.jsonl]
 """
 
@@ -31,12 +33,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from rrhf.judging import (  # noqa: E402
+    TEMPLATES,
     ChatClient,
     JudgeCache,
     local_server,
     pair_requests,
     pairwise_judgements,
     summarise,
+    template_by_id,
 )
 
 FRAMINGS = {
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(ROOT / "data" / "imdb_offline" / "test.jsonl"))
     parser.add_argument("--limit", type=int, default=None, help="judge the first N pairs only")
     parser.add_argument("--framing", choices=sorted(FRAMINGS), default="positive")
-    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--template", choices=sorted(TEMPLATES), default="mt_bench_pair")
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: the template's (256; 2 for a letter)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument(
         "--model",
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
     rows = rows[: args.limit] if args.limit else rows
     pairs = [(FRAMINGS[args.framing].format(prompt=r["prompt"]), r["chosen"], r["rejected"]) for r in rows]
+    template = template_by_id(args.template)
+    args.max_tokens = args.max_tokens or template.max_tokens
     cache = JudgeCache(args.cache)
     settings = {"cache": cache, "max_tokens": args.max_tokens, "timeout": 600.0}
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 ChatClient(args.base_url, args.model, api_key_env=args.api_key_env, **settings)
             )
         elif not (probe := _cached_client(args.model, settings)).uncached(
-            [r for pair in pairs for r in pair_requests(*pair)]
+            [r for pair in pairs for r in pair_requests(*pair, template)]
         ):
             client = stack.enter_context(probe)  # every answer is cached: no server to start
         else:
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             startup_s = server.startup_s
             client = stack.enter_context(server.client(**settings))
         asked = time.monotonic()
-        judgements = pairwise_judgements(client, pairs, concurrency=args.concurrency)
+        judgements = pairwise_judgements(client, pairs, template=template, concurrency=args.concurrency)
         judging_s = time.monotonic() - asked
     total_s = time.monotonic() - started
 

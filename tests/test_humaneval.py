@@ -70,6 +70,7 @@ def label_by_content(sheets, want: str = "EVAL") -> dict[str, dict[str, str]]:
 
 def write_labels(folder: Path, sheets, labels: dict[str, dict[str, str]], **extra) -> list[Path]:
     paths = []
+    folder.mkdir(parents=True, exist_ok=True)
     for name, given in labels.items():
         path = folder / f"labels-{name}.json"
         path.write_text(json.dumps({"sheet_id": sheets.sheet_id, "annotator": name, "labels": given, **extra}))
@@ -432,6 +433,30 @@ def test_judge_named_in_labels_files(labelled):
     assert "Judged by human annotators" not in (tmp / "t" / "table3.tex").read_text()
     with pytest.raises(LabelsError, match="say they come from 'reward-model'"):
         collect(key, files, judge="other")
+
+
+def test_unparsed_from_a_judge_is_left_out_and_counted(labelled):
+    sheets, key, labels, tmp = labelled
+    first, second = sheets.key["annotators"]
+    scored = next(i for i in labels[first] if not sheets.key["items"][i]["shared"])
+    shared = next(i for i in labels[first] if sheets.key["items"][i]["shared"])
+    marked = {first: {**labels[first], scored: "unparsed", shared: "unparsed"}, second: labels[second]}
+    full = collect(key, write_labels(tmp / "full", sheets, labels, judge="some-llm"))
+    table = collect(key, write_labels(tmp / "marked", sheets, marked, judge="some-llm"), tmp / "t")
+    assert table.unparsed == 2 and full.unparsed == 0
+    assert sum(r.scored for r in table.rows) == sum(r.scored for r in full.rows) - 1
+    assert table.agreement.items == full.agreement.items - 1  # a shared item not every annotator judged
+    text = "".join((tmp / "t" / n).read_text() for n in ("table3.tex", "table3.md", "table3_vs_paper.tex"))
+    assert (
+        text.count("2 labels without a readable verdict (unparsed) are left out") == 4
+    )  # table3.tex, table3.md, both captions of _vs_paper
+    assert json.loads((tmp / "t" / "table3.json").read_text())["unparsed"] == 2
+    # People's files have no such entry; a missing item stays refused for every file.
+    with pytest.raises(LabelsError, match="'unparsed' is not one of .*from an automatic judge"):
+        collect(key, write_labels(tmp / "people", sheets, marked))
+    lacking = {first: {k: v for k, v in labels[first].items() if k != scored}, second: labels[second]}
+    with pytest.raises(LabelsError, match=f"first missing item: {scored}"):
+        collect(key, write_labels(tmp / "lacking", sheets, lacking, judge="some-llm"))
 
 
 def test_kappas_against_textbook_values():

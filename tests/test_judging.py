@@ -20,6 +20,7 @@ import pytest
 
 from rrhf.judging import (
     MT_BENCH_PAIR,
+    SINGLE_LETTER,
     ChatClient,
     ChatRequest,
     EndpointError,
@@ -28,9 +29,11 @@ from rrhf.judging import (
     free_port,
     judgement_from_answers,
     pairwise_judgements,
+    parse_letter,
     parse_verdict,
     request_key,
     summarise,
+    template_by_id,
 )
 
 
@@ -262,6 +265,30 @@ def test_parse_verdict() -> None:
     assert parse_verdict('"[[A]]" if A is better, "[[B]]" if B is better') is None  # echoed instructions
     assert parse_verdict("Assistant A is better.") is None
     assert parse_verdict("") is None
+
+
+def test_parse_letter() -> None:
+    assert parse_letter("A") == "A" and parse_letter("B") == "B" and parse_letter("C") == "tie"
+    assert parse_letter(" B.") == "B" and parse_letter("**A**") == "A" and parse_letter('"C"') == "tie"
+    assert parse_letter("[[A") == "A" and parse_letter("\nA,") == "A"  # two tokens cut a longer answer short
+    # Only a letter standing alone, first: a word that starts with A or B is no verdict, nor lower case.
+    for text in ("Answer A", "Both", "Better: A", "AB", "a", "D", "", "The answer is A"):
+        assert parse_letter(text) is None, text
+
+
+def test_templates_by_id() -> None:
+    assert template_by_id("mt_bench_pair") is MT_BENCH_PAIR and template_by_id("single_letter") is SINGLE_LETTER
+    assert SINGLE_LETTER.max_tokens == 2 and SINGLE_LETTER.parser is parse_letter
+    assert MT_BENCH_PAIR.parser is parse_verdict
+    with pytest.raises(KeyError, match="known: mt_bench_pair, single_letter"):
+        template_by_id("nope")
+    text = SINGLE_LETTER.messages("q", "x", "y")[1]["content"]
+    assert text.endswith("Reply with one letter only: A, B, or C if they are equally good.")
+    # Read with the template's own parser: a letter is no MT-Bench verdict; a sentence is no single letter.
+    judged = judgement_from_answers("B", "A", SINGLE_LETTER.name, SINGLE_LETTER.parser)
+    assert judged.label == "B" and judged.consistent and judged.template == "single_letter@v1"
+    assert judgement_from_answers("Answer A", "B", "", parse_letter).status == "unparsed"
+    assert judgement_from_answers("A", "B").status == "unparsed"
 
 
 def test_combine_order_flip_is_a_tie() -> None:

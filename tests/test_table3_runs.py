@@ -15,7 +15,14 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 from rrhf.humaneval import runs as table3_runs
 from rrhf.humaneval.__main__ import main as cli
-from rrhf.humaneval.runs import judge_with_reward, label, settings_of, sheets_from_runs, sheets_stage
+from rrhf.humaneval.runs import (
+    judge_with_llm,
+    judge_with_reward,
+    label,
+    settings_of,
+    sheets_from_runs,
+    sheets_stage,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ROOT = CONF.parent
@@ -73,6 +80,8 @@ def test_experiments_compose_with_the_papers_design() -> None:
         assert {k: v for k, v in ours.items() if k not in drop} == {k: v for k, v in theirs.items() if k not in drop}
     judged = _plain(["experiment=offline/table3", "judge=reward_model"])
     assert judged["judge"] == {"name": "reward_model"}
+    llm = _plain(["experiment=offline/table3", "judge=llm"])["judge"]
+    assert llm["name"] == "llm" and llm["base_url"] is None and llm["template"] == "single_letter"
 
 
 def _run(
@@ -213,6 +222,110 @@ def test_reward_model_judge_on_vader(sweep: Path, tmp_path: Path, capsys, monkey
     rows = {r.comparison: r.counts for r in wide.rows}
     assert rows["rrhf_dp-vs-rrhf_ip2"] == {"win": 0, "tie": 11, "lose": 0}
     assert rows["rrhf_dp-vs-good_responses"] == {"win": 11, "tie": 0, "lose": 0}
+
+
+def _shown(body: dict) -> tuple[str, str]:
+    # The two responses as the single-letter template shows them.
+    user = body["messages"][1]["content"]
+    return user.split("Answer A:\n")[1].split("\n\nAnswer B:")[0], user.split("Answer B:\n")[1].split("\n\n")[0]
+
+
+def test_llm_judge_through_an_endpoint(sweep: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from rrhf.judging import ChatClient
+
+    sent: list[dict] = []
+
+    def endpoint(self, body: dict) -> dict:
+        # A judge that prefers the higher VADER score and writes no verdict when IP-2's response is shown.
+        sent.append(body)
+        a, b = _shown(body)
+        text = "Hmm" if LIKED in (a, b) else ("C" if VADER[a] == VADER[b] else "A" if VADER[a] > VADER[b] else "B")
+        return {"choices": [{"message": {"content": text}, "finish_reason": "length"}]}
+
+    monkeypatch.setattr(ChatClient, "_post", endpoint)
+    settings = settings_of(SETTINGS)
+    copy = sheets_from_runs(sweep, settings=settings)
+    judge = {"base_url": "http://judge.invalid/v1", "model": "m", "cache": str(tmp_path / "cache")}
+    table = judge_with_llm(sweep, copy, tmp_path / "tables", settings, judge)
+    rows = {r.comparison: r.counts for r in table.rows}
+    assert rows["rrhf_dp-vs-good_responses"] == {"win": 11, "tie": 0, "lose": 0}
+    assert rows["rrhf_dp-vs-ppo"] == {"win": 5, "tie": 6, "lose": 0}
+    assert rows["rrhf_dp-vs-rrhf_ip2"] == {"win": 0, "tie": 0, "lose": 0}  # all unparsed
+    assert table.unparsed == 11 + 3  # the scored pairs, and the shared one once per annotator
+    assert table.judge == "LLM judge m (single_letter@v1)" and not table.human
+    assert all(b["max_tokens"] == 2 and b["temperature"] == 0.0 for b in sent)
+    # 12 + 11 + 12 shown pairs (6 identical ones are never shown) and 12 test pairs, in both orders.
+    assert len(sent) == 2 * (12 + 6 + 12 + 12)
+    out = tmp_path / "tables"
+    assert {p.name for p in out.iterdir()} == {
+        f"table3_llm{s}" for s in (".tex", ".csv", ".md", ".json", "_vs_paper.tex", "_accuracy.json")
+    }
+    tex = (out / "table3_llm.tex").read_text()
+    assert "automatic judge" in tex and "tab:table3-llm" in tex and "Judged by human" not in tex
+    assert "14 labels without a readable verdict (unparsed) are left out" in (out / "table3_llm.md").read_text()
+    unparsed = json.loads((copy / "labels" / "llm" / "unparsed.json").read_text())["items"]
+    assert len(unparsed) == 12 and all(u["raw_ab"] == "Hmm" and u["label"] is None for u in unparsed.values())
+    labels = json.loads((copy / "labels" / "llm" / "annotator-1.json").read_text())
+    assert set(labels["labels"].values()) <= {"A", "B", "tie", "unparsed"} and "unparsed" in labels["labels"].values()
+    accuracy = json.loads((out / "table3_llm_accuracy.json").read_text())
+    assert (accuracy["pairs"], accuracy["chosen_preferred"], accuracy["unparsed"]) == (12, 1.0, 0.0)
+    assert accuracy["template"] == "single_letter@v1" and accuracy["max_tokens"] == 2
+    assert "chosen preferred 100.0%" in capsys.readouterr().out
+
+    # A rerun is answered by the cache alone.
+    monkeypatch.setattr(ChatClient, "_post", lambda self, body: pytest.fail("the judge was asked again"))
+    again = judge_with_llm(sweep, copy, tmp_path / "again", settings, judge)
+    assert [r.counts for r in again.rows] == [r.counts for r in table.rows]
+
+
+def test_callback_dispatches_on_the_judge(sweep: Path, tmp_path: Path, monkeypatch) -> None:
+    called: list[str] = []
+    monkeypatch.setattr(table3_runs, "judge_with_reward", lambda *a: called.append("reward_model"))
+    monkeypatch.setattr(table3_runs, "judge_with_llm", lambda *a: called.append(f"llm:{a[4].template}"))
+    for judge in ({"name": "reward_model"}, {"name": "llm", "template": "mt_bench_pair"}, None):
+        config = OmegaConf.create(
+            {"hydra": {"sweep": {"dir": str(sweep)}}, "table3": SETTINGS, "paths": {"tables": str(tmp_path)}}
+        )
+        if judge is not None:
+            config.judge = judge
+        table3_runs.Table3Callback().on_multirun_end(config)
+    assert called == ["reward_model", "llm:mt_bench_pair"]
+    config.judge = {"name": "oracle"}
+    with pytest.raises(ValueError, match="judge=oracle"):
+        table3_runs.Table3Callback().on_multirun_end(config)
+
+
+@pytest.mark.slow
+def test_llm_judge_through_the_local_server(tmp_path: Path, monkeypatch) -> None:
+    """judge.base_url null: the embedded SmolLM2 served by `transformers serve` judges a one-prompt sheet
+    (3 pairs) and the test pair; a rerun starts no server and sends nothing."""
+    pytest.importorskip("fastapi", reason="the local judge server needs the `judge` extra")
+    pytest.importorskip("uvicorn", reason="the local judge server needs the `judge` extra")
+    import rrhf.judging
+
+    results = tmp_path / "results" / "offline_table3"
+    prompt = PROMPTS[:1]
+    _run(results, "rrhf_dp", [LOVED], dataset=True, prompts=prompt)
+    _run(results, "ppo", [AWFUL], prompts=prompt)
+    _run(results, "ip2", [LIKED], prompts=prompt)
+    settings = settings_of({"shared": 0, "annotators": 1, "seed": 0})
+    copy = sheets_from_runs(results, settings=settings)
+    judge = {"cache": str(tmp_path / "cache")}  # the rest: conf/judge/llm.yaml's defaults
+    table = judge_with_llm(results, copy, tmp_path / "tables", settings, judge)
+    assert table.judge.startswith("LLM judge embedded:smollm2@") and table.judge.endswith("(single_letter@v1)")
+    assert sum(r.scored for r in table.rows) + table.unparsed == 3
+    tex = (tmp_path / "tables" / "table3_llm.tex").read_text()
+    assert "an automatic judge (not human annotators)" in tex and "Judged by human" not in tex
+    accuracy = json.loads((tmp_path / "tables" / "table3_llm_accuracy.json").read_text())
+    parts = ("chosen_preferred", "tie", "rejected_preferred", "unparsed")
+    assert accuracy["pairs"] == 1 and sum(accuracy[k] for k in parts) == pytest.approx(1.0)
+
+    monkeypatch.setattr(rrhf.judging, "local_server", lambda *a, **k: pytest.fail("a server was started again"))
+    from rrhf.judging import ChatClient
+
+    monkeypatch.setattr(ChatClient, "_post", lambda self, body: pytest.fail("the judge was asked again"))
+    again = judge_with_llm(results, copy, tmp_path / "again", settings, judge)
+    assert [r.counts for r in again.rows] == [r.counts for r in table.rows] and again.unparsed == table.unparsed
 
 
 def test_command_line(sweep: Path, tmp_path: Path, capsys) -> None:

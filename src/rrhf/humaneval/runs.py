@@ -13,7 +13,9 @@ Table 3's arms: RRHF_DP, PPO and RRHF-IP-2. When the sweep ends, `Table3Callback
    draws nothing anew and hands out the same sheet;
 2. copies them to `<sweep folder>/table3/<sheet id>/` (key.json, annotators/<name>.json and .html);
 3. with `judge=reward_model`, labels every pair with the runs' reward (`judge_with_reward`) and collects
-   the labels as `table3_reward_model.*` in paths.tables, with the reward's own accuracy on the test pairs.
+   the labels as `table3_reward_model.*` in paths.tables, with the reward's own accuracy on the test pairs;
+   with `judge=llm`, asks an LLM judge instead (`judge_with_llm`: conf/judge/llm.yaml, both orders, through
+   the judge cache) and collects `table3_llm.*`, with the judge's accuracy on the task's test pairs.
 
 A source in the key is the run (`<sweep>/<run folder>`) and the artifact file (`evaluate/<key>/responses.jsonl`,
 relative to the artifact store), so an un-blinded pair can be traced to the run that wrote it.
@@ -52,12 +54,13 @@ from rrhf.humaneval.sheets import (
     write_json_atomic,
     write_sheets,
 )
-from rrhf.humaneval.table3 import Table3, collect
+from rrhf.humaneval.table3 import UNPARSED, Table3, collect
 
 log = logging.getLogger(__name__)
 
 DATASET_CHOSEN = "dataset_chosen"  # Table 3's "good responses": the data set's chosen response
 REWARD_JUDGE = "reward_model"
+LLM_JUDGE = "llm"
 # The reward model's accuracy on HH's test pairs that the paper reports (Table 5, first row), for the
 # accuracy file of a judge that is that reward model.
 PAPER_RM_ACCURACY = {
@@ -346,17 +349,35 @@ def reward_scores_stage(sheets: Path, run: Run, artifacts: Path | None = None) -
     return run_stage(root, "reward_judge", inputs, build)
 
 
-def dataset_pair_rewards(run: Run) -> dict[str, list[float]] | None:
-    """The run's reward of the data set's chosen and rejected responses to the test prompts, as its evaluation
-    stage scored them (the same reward, the same texts: no second pass over thousands of HH pairs); None where
-    the task has no rejected responses."""
+def _dataset_pairs(run: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    # The evaluation stage's rows of the data set's chosen and rejected responses, prompt by prompt.
     dataset = run.metrics.get("dataset") or {}
     if not {"chosen", "rejected"} <= set(dataset):
         return None
     chosen, rejected = (read_jsonl(Path(dataset[f]["artifact"]) / "responses.jsonl") for f in ("chosen", "rejected"))
     if [r["prompt"] for r in chosen] != [r["prompt"] for r in rejected]:
         raise ValueError(f"{run.folder}: the chosen and rejected evaluations answered different test prompts")
+    return chosen, rejected
+
+
+def dataset_pair_rewards(run: Run) -> dict[str, list[float]] | None:
+    """The run's reward of the data set's chosen and rejected responses to the test prompts, as its evaluation
+    stage scored them (the same reward, the same texts: no second pass over thousands of HH pairs); None where
+    the task has no rejected responses."""
+    pairs = _dataset_pairs(run)
+    if pairs is None:
+        return None
+    chosen, rejected = pairs
     return {"chosen": [float(r["reward"]) for r in chosen], "rejected": [float(r["reward"]) for r in rejected]}
+
+
+def dataset_test_pairs(run: Run) -> list[tuple[str, str, str]] | None:
+    """The task's (prompt, chosen, rejected) test pairs, as the run's evaluation read them; None where the task
+    has no rejected responses."""
+    pairs = _dataset_pairs(run)
+    if pairs is None:
+        return None
+    return [(c["prompt"], c["response"], r["response"]) for c, r in zip(*pairs)]
 
 
 def reward_accuracy(test_pairs: Mapping[str, Sequence[float]] | None, margin: float) -> dict[str, Any]:
@@ -387,43 +408,19 @@ def judge_with_reward(
     run = table3_runs(results, settings)[settings["comparisons"][0]["evaluated"]]
     scored, _ = reward_scores_stage(sheets, run, artifacts)
     scores = json.loads((scored / "scores.json").read_text())
-    key = json.loads((Path(sheets) / "key.json").read_text(encoding="utf-8"))
     judge = f"reward model {run.config.reward.name}"
-    labels_dir = Path(sheets) / "labels" / REWARD_JUDGE
-    files = []
-    for name in key["annotators"]:
-        labels = {i: label(*scores[i], margin) for i in key["assignments"][name]}
-        files.append(
-            write_json_atomic(
-                labels_dir / f"{name}.json",
-                {"sheet_id": key["sheet_id"], "annotator": name, "judge": judge, "labels": labels},
-            )
-        )
-    out = Path(out)
-    with tempfile.TemporaryDirectory() as tmp:
-        table = collect(Path(sheets) / "key.json", files, Path(tmp))
-        written = []
-        for path in table.files:
-            # Beside the human table3.*, never in its place; a LaTeX label of its own, so both can be included.
-            name = path.name.replace("table3", f"table3_{REWARD_JUDGE}", 1)
-            text = path.read_text(encoding="utf-8").replace("{tab:table3", "{tab:table3-reward-model")
-            target = out / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-            written.append(target)
     accuracy = {
         "judge": judge,
         "reward": OmegaConf.to_container(run.config.reward, resolve=True),
         "margin": margin,
         "run": _run_key(run),
-        "sheet_id": key["sheet_id"],
         **reward_accuracy(dataset_pair_rewards(run), margin),
         "note": "the reward the RRHF and PPO arms were trained on: it favours them, and is no human judge",
     }
     if run.config.reward.name == PAPER_RM_ACCURACY["reward"]:
         accuracy["paper"] = PAPER_RM_ACCURACY
-    written.append(write_json_atomic(out / f"table3_{REWARD_JUDGE}_accuracy.json", accuracy))
-    table.files = written
+    table = write_judged_table(sheets, out, REWARD_JUDGE, judge, {i: label(*s, margin) for i, s in scores.items()})
+    table.files.append(_write_accuracy(out, REWARD_JUDGE, table, accuracy))
     shown = (
         "n/a (no rejected responses)"
         if accuracy["pairs"] == 0
@@ -432,17 +429,195 @@ def judge_with_reward(
             f"rejected higher {100 * accuracy['rejected_higher']:.1f}% of {accuracy['pairs']} test pairs"
         )
     )
-    print(f"table3: {judge} (margin {margin}): {shown}")
+    _report(f"table3: {judge} (margin {margin}): {shown}", table)
+    return table
+
+
+def write_judged_table(sheets: Path, out: Path, slug: str, judge: str, labels: Mapping[str, str]) -> Table3:
+    """An automatic judge's labels (item id: "A" | "tie" | "B" | "unparsed") written as one labels file per
+    annotator in `sheets/labels/<slug>/` (the page's format with a "judge" field) and collected into `out` as
+    table3_<slug>.{tex,csv,md,json} and table3_<slug>_vs_paper.tex."""
+    key = json.loads((Path(sheets) / "key.json").read_text(encoding="utf-8"))
+    labels_dir = Path(sheets) / "labels" / slug
+    files = [
+        write_json_atomic(
+            labels_dir / f"{name}.json",
+            {
+                "sheet_id": key["sheet_id"],
+                "annotator": name,
+                "judge": judge,
+                "labels": {i: labels[i] for i in key["assignments"][name]},
+            },
+        )
+        for name in key["annotators"]
+    ]
+    out = Path(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = collect(Path(sheets) / "key.json", files, Path(tmp))
+        written = []
+        for path in table.files:
+            # Beside the human table3.*, never in its place; a LaTeX label of its own, so both can be included.
+            name = path.name.replace("table3", f"table3_{slug}", 1)
+            text = path.read_text(encoding="utf-8").replace("{tab:table3", "{tab:table3-" + slug.replace("_", "-"))
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            written.append(target)
+    table.files = written
+    return table
+
+
+def _write_accuracy(out: Path, slug: str, table: Table3, accuracy: Mapping[str, Any]) -> Path:
+    return write_json_atomic(Path(out) / f"table3_{slug}_accuracy.json", {"sheet_id": table.sheet_id, **accuracy})
+
+
+def _report(headline: str, table: Table3) -> None:
+    print(headline)
     for row in table.rows:
         print(f"  {row.comparison}: win {row.counts['win']} / tie {row.counts['tie']} / lose {row.counts['lose']}")
-    for path in written:
+    if table.unparsed:
+        print(f"  unparsed (left out): {table.unparsed}")
+    for path in table.files:
         print(f"  {path}")
+
+
+# --- an LLM as a judge -----------------------------------------------------------------------------------------
+
+
+def _llm_settings(judge: Mapping[str, Any] | None) -> dict[str, Any]:
+    # conf/judge/llm.yaml's defaults, for a caller (a test, the command line) that passes some or none.
+    defaults = {
+        "base_url": None,
+        "model": "embedded:smollm2",
+        "api_key_env": "OPENAI_API_KEY",
+        "template": "single_letter",
+        "concurrency": 1,
+        "max_tokens": None,
+        "threads": 1,
+        "device": "cpu",
+        "cache": None,
+    }
+    plain = OmegaConf.to_container(judge, resolve=True) if isinstance(judge, DictConfig) else dict(judge or {})
+    return {**defaults, **{k: v for k, v in plain.items() if k != "name"}}
+
+
+def _fractions(judgements: Sequence[Any]) -> dict[str, Any]:
+    from rrhf.judging import summarise
+
+    summary = summarise(judgements)
+    return {
+        "pairs": summary["pairs"],
+        "chosen_preferred": summary["A"],
+        "tie": summary["tie"],
+        "rejected_preferred": summary["B"],
+        "unparsed": summary["unparsed"],
+        "consistent": summary["consistent"],
+    }
+
+
+def judge_with_llm(
+    results: Path,
+    sheets: Path,
+    out: Path,
+    settings: Mapping[str, Any] | None = None,
+    judge: Mapping[str, Any] | None = None,
+) -> Table3:
+    """Label the sheets in `sheets` with an LLM judge (`judge`: conf/judge/llm.yaml's fields) and collect Table 3
+    into `out` as table3_llm.{tex,csv,md,json} and table3_llm_vs_paper.tex, with the judge's accuracy on the
+    task's chosen / rejected test pairs in table3_llm_accuracy.json.
+
+    Every shown pair is asked in both orders (an order flip is a tie); a pair without a readable verdict in either
+    order is "unparsed": kept out of the labels' counts and listed, with the raw answers, in
+    `sheets/labels/llm/unparsed.json`. Answers go through the judge cache: a rerun asks nothing again, and starts
+    no local server when every answer is cached. A request that failed for good stops here before any table is
+    written (a rerun asks only the failed ones)."""
+    from contextlib import ExitStack
+
+    from rrhf.assets import cache_root, model_identity
+    from rrhf.judging import ChatClient, JudgeCache, local_server, pair_requests, pairwise_judgements, template_by_id
+
+    settings = dict(settings) if settings is not None else sweep_settings(results)
+    conf = _llm_settings(judge)
+    template = template_by_id(conf["template"])
+    max_tokens = conf["max_tokens"] or template.max_tokens
+    run = table3_runs(results, settings)[settings["comparisons"][0]["evaluated"]]
+    items = _shown_items(sheets)
+    ids = sorted(items)
+    shown = [(items[i]["prompt"], items[i]["response_a"], items[i]["response_b"]) for i in ids]
+    test_pairs = dataset_test_pairs(run) or []
+    cache = JudgeCache(conf["cache"] or cache_root() / "judge_cache")
+    client_settings = {"cache": cache, "max_tokens": max_tokens}
+
+    with ExitStack() as stack:
+        if conf["base_url"]:
+            client = stack.enter_context(
+                ChatClient(conf["base_url"], conf["model"], api_key_env=conf["api_key_env"], **client_settings)
+            )
+        else:
+            # Cache keys name the model by its identity, not by where it is served: a client that reaches nothing
+            # finds the answers a local server gave, and no server is started when nothing is left to ask.
+            probe = ChatClient(
+                "http://127.0.0.1:9/v1",
+                conf["model"],
+                model_id=model_identity(conf["model"]),
+                api_key_env=None,
+                **client_settings,
+            )
+            asked = [r for pair in shown + test_pairs for r in pair_requests(*pair, template)]
+            if probe.uncached(asked):
+                probe.close()
+                server = stack.enter_context(
+                    local_server(conf["model"], threads=conf["threads"], device=conf["device"])
+                )
+                client = stack.enter_context(server.client(**client_settings))
+            else:
+                client = stack.enter_context(probe)
+        # One call for the sheets and the test pairs: one server, one progress bar, identical requests sent once.
+        judged = pairwise_judgements(
+            client, shown + test_pairs, template=template, concurrency=int(conf["concurrency"])
+        )
+    failed = [j for j in judged if j.status == "error"]
+    if failed:
+        raise RuntimeError(
+            f"table3: {len(failed)} of {len(judged)} pairs got no answer from the LLM judge "
+            f"({client.url}); first: {failed[0].error}. The answers received are cached: rerun to ask the rest."
+        )
+    on_sheets, on_tests = judged[: len(shown)], judged[len(shown) :]
+    name = f"LLM judge {client.model_id} ({template.name})"
+    labels = {i: j.label or UNPARSED for i, j in zip(ids, on_sheets)}
+    unparsed = {i: j.to_dict() for i, j in zip(ids, on_sheets) if j.label is None}
+    write_json_atomic(Path(sheets) / "labels" / LLM_JUDGE / "unparsed.json", {"judge": name, "items": unparsed})
+    table = write_judged_table(sheets, out, LLM_JUDGE, name, labels)
+    accuracy = {
+        "judge": name,
+        "model": client.model_id,
+        "endpoint": conf["base_url"] or "local server (rrhf.judging.local_server)",
+        "template": template.name,
+        "max_tokens": max_tokens,
+        "run": _run_key(run),
+        **_fractions(on_tests),
+        "note": (
+            "fractions of the task's chosen / rejected test pairs, each asked in both orders (an order flip is a "
+            "tie); unparsed pairs have no verdict. A small local model is a weak judge: read its table with this."
+        ),
+    }
+    table.files.append(_write_accuracy(out, LLM_JUDGE, table, accuracy))
+    shown_acc = (
+        "n/a (no rejected responses)"
+        if not on_tests
+        else (
+            f"chosen preferred {100 * accuracy['chosen_preferred']:.1f}%, tie {100 * accuracy['tie']:.1f}%, "
+            f"rejected preferred {100 * accuracy['rejected_preferred']:.1f}%, unparsed "
+            f"{100 * accuracy['unparsed']:.1f}% of {accuracy['pairs']} test pairs"
+        )
+    )
+    _report(f"table3: {name}: {shown_acc}", table)
     return table
 
 
 class Table3Callback(Callback):
     """Build Table 3's sheets when experiment=table3 / offline/table3's sweep ends; with judge=reward_model, judge
-    them with the reward as well."""
+    them with the reward as well, with judge=llm with an LLM judge."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from rrhf.launch import rank
@@ -454,5 +629,10 @@ class Table3Callback(Callback):
         # The stages go to the store that holds the runs' evaluations (paths.artifacts, read from the runs).
         copy = sheets_from_runs(results, results / "table3", settings)
         judge = config.get("judge")
-        if judge is not None and judge.get("name") == REWARD_JUDGE:
+        name = judge.get("name") if judge is not None else None
+        if name == REWARD_JUDGE:
             judge_with_reward(results, copy, Path(config.paths.tables), settings)
+        elif name == LLM_JUDGE:
+            judge_with_llm(results, copy, Path(config.paths.tables), settings, judge)
+        elif name is not None:
+            raise ValueError(f"judge={name}: Table 3 knows judge={REWARD_JUDGE} and judge={LLM_JUDGE}")

@@ -4,7 +4,9 @@ Labels files are what the annotation page downloads: {"sheet_id", "annotator", "
 where "A" / "B" name the response shown under that letter. An automatic judge writes the same format and may add
 "judge": its name. Every file is checked against the key before anything is counted (LabelsError names the file
 and the item): the same sheet, a known annotator given once, every item of that annotator's sheet labelled once
-and no other, only the three labels.
+and no other, only the three labels. A file that names a judge may also mark an item "unparsed" (the judge
+gave no readable verdict): the item is left out of every count and the tables say how many were; people's
+files have no such entry, and an item missing from any file is refused.
 
 Scores (Table 3's rows). Per comparison, over its scored pairs (those not shared: the paper scores 300 pairs and
 keeps the 30 shared ones for agreement), each labelled by one annotator, plus its identical pairs (never shown,
@@ -43,6 +45,8 @@ from rrhf.humaneval.sheets import KEY_FORMAT, write_json_atomic, write_text_atom
 
 REFERENCE = PROJECT_ROOT / "paper_tables" / "reference.yaml"
 LABELS = ("A", "tie", "B")
+# An automatic judge's explicit "no verdict" for an item: never a label, never counted, reported as a count.
+UNPARSED = "unparsed"
 OUTCOMES = ("win", "tie", "lose")
 # The agreement figures are not table cells, so reference.yaml has no entries for them (its `missing` says so);
 # they are kept here with their slide lines (paper_tables/slide_lines.yaml holds those lines too).
@@ -108,6 +112,7 @@ class Table3:
     rows: list[Row]
     agreement: Agreement
     files: list[Path] = field(default_factory=list)
+    unparsed: int = 0  # scored or shared items the (automatic) judge gave no verdict, left out of the counts
 
     @property
     def human(self) -> bool:
@@ -180,14 +185,16 @@ def check_labels(data: Any, path: Path | str, key: Mapping[str, Any], key_name: 
     labels = data["labels"]
     if not isinstance(labels, dict):
         raise LabelsError(f"{path}: 'labels' must map item ids to 'A', 'tie' or 'B'")
+    allowed = (*LABELS, UNPARSED) if data.get("judge") else LABELS
     own = key["assignments"][annotator]
     mine = set(own)
     for item, label in labels.items():
         if item not in mine:
             where = "an item of another annotator" if item in key["items"] else "not an item of this sheet"
             raise LabelsError(f"{path}: unknown item {item} for annotator {annotator} ({where})")
-        if label not in LABELS:
-            raise LabelsError(f"{path}: item {item}: label {label!r} is not one of 'A', 'tie', 'B'")
+        if label not in allowed:
+            also = f" (or {UNPARSED!r}, from an automatic judge)" if label == UNPARSED else ""
+            raise LabelsError(f"{path}: item {item}: label {label!r} is not one of 'A', 'tie', 'B'{also}")
     lacking = [i for i in own if i not in labels]
     if lacking:
         shown = ", ".join(lacking[:5]) + (", ..." if len(lacking) > 5 else "")
@@ -267,8 +274,13 @@ def fleiss_kappa(ratings: Sequence[Sequence[Hashable]]) -> float | None:
 
 
 def agreement(key: Mapping[str, Any], labels: Mapping[str, Mapping[str, str]]) -> Agreement:
-    """Same-annotation and no-contradiction counts over all annotator pairs on each shared item, and the kappas."""
-    shared = [i for i, item in key["items"].items() if item["shared"] and not item["identical"]]
+    """Same-annotation and no-contradiction counts over all annotator pairs on each shared item, and the kappas;
+    a shared item some annotator (an automatic judge) marked unparsed is left out."""
+    shared = [
+        i
+        for i, item in key["items"].items()
+        if item["shared"] and not item["identical"] and all(labels[a][i] != UNPARSED for a in key["annotators"])
+    ]
     names = list(key["annotators"])
     same = contradictions = pairs = 0
     for item in shared:
@@ -326,6 +338,7 @@ def tally(
     as a reference.yaml row."""
     spec, paper = paper_table3(reference) if reference is not None else ({"rows": {}}, {})
     rows = []
+    unparsed = sum(label == UNPARSED for given in labels.values() for label in given.values())
     for comp in key["comparisons"]:
         counts = dict.fromkeys(OUTCOMES, 0)
         identical = 0
@@ -337,7 +350,8 @@ def tally(
                 counts["tie"] += 1
                 continue
             (annotator,) = item["annotators"]
-            counts[outcome(item, labels[annotator][item_id])] += 1
+            if labels[annotator][item_id] != UNPARSED:
+                counts[outcome(item, labels[annotator][item_id])] += 1
         row_spec = spec["rows"].get(comp["name"]) or {}
         rows.append(
             Row(
@@ -350,7 +364,13 @@ def tally(
                 paper_label=row_spec.get("label"),
             )
         )
-    return Table3(sheet_id=key["sheet_id"], judge=judge or HUMAN, rows=rows, agreement=agreement(key, labels))
+    return Table3(
+        sheet_id=key["sheet_id"],
+        judge=judge or HUMAN,
+        rows=rows,
+        agreement=agreement(key, labels),
+        unparsed=unparsed,
+    )
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
@@ -393,7 +413,10 @@ def _fmt(value: float | None, digits: int) -> str:
 def _judged_by(table: Table3, tex: bool = False) -> str:
     if table.human:
         return f"Judged by {HUMAN} ({len(table.agreement.annotators)} annotators, blind to the systems)"
-    return f"Judged by {_tex(table.judge) if tex else table.judge}, an automatic judge (not human annotators)"
+    judged = f"Judged by {_tex(table.judge) if tex else table.judge}, an automatic judge (not human annotators)"
+    if table.unparsed:
+        judged += f"; {table.unparsed} labels without a readable verdict (unparsed) are left out of every count"
+    return judged
 
 
 def _agreement_text(table: Table3, tex: bool) -> str:
@@ -541,6 +564,7 @@ def table_json(table: Table3) -> dict[str, Any]:
         "sheet_id": table.sheet_id,
         "judge": table.judge,
         "human": table.human,
+        "unparsed": table.unparsed,
         "rows": [
             {
                 "comparison": r.comparison,

@@ -13,19 +13,25 @@ from rrhf.judging.cache import JudgeCache, request_key
 from rrhf.judging.client import ChatClient, ChatRequest, Completion, EndpointError
 from rrhf.judging.judge import (
     MT_BENCH_PAIR,
+    SINGLE_LETTER,
+    TEMPLATES,
     PairJudgement,
     PairwiseTemplate,
     combine,
     judgement_from_answers,
     pair_requests,
     pairwise_judgements,
+    parse_letter,
     parse_verdict,
     summarise,
+    template_by_id,
 )
 from rrhf.judging.server import LocalServer, free_port, local_server
 
 __all__ = [
     "MT_BENCH_PAIR",
+    "SINGLE_LETTER",
+    "TEMPLATES",
     "ChatClient",
     "ChatRequest",
     "Completion",
@@ -40,7 +46,9 @@ __all__ = [
     "local_server",
     "pair_requests",
     "pairwise_judgements",
+    "parse_letter",
     "parse_verdict",
     "request_key",
     "summarise",
+    "template_by_id",
 ]

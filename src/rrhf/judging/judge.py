@@ -5,12 +5,19 @@ answer ends with a verdict: "[[A]]", "[[B]]" or "[[C]]" (a tie). The two verdict
 responses, are combined as MT-Bench combines them: the same winner twice is that winner; any disagreement (the
 preference follows the position, or a tie once) is a tie. An answer without exactly one kind of verdict is
 "unparsed": the pair gets no label (None), and both raw answers are kept, never guessed from.
+
+Two templates, chosen by id (`TEMPLATES`, `template_by_id`):
+
+- `mt_bench_pair` (the default, for real endpoints): an explanation, then "[[A]]", "[[B]]" or "[[C]]";
+- `single_letter` (for small local models): a short prompt asking for one letter, read by `parse_letter` from
+  the first characters of the answer. SmolLM2-135M never wrote an MT-Bench verdict (128 of 128 answers on the
+  offline test pairs unparsed), so the offline judge needs a form it can follow.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -20,15 +27,40 @@ Label = Literal["A", "tie", "B"]
 Status = Literal["ok", "unparsed", "error"]
 
 
+_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
+# The first thing in the answer, past whitespace and markup ("**", quotes, brackets), must be the letter standing
+# alone: "A", "B." or "[[C" are read, "Answer A" or "Both" are not (their first letter is part of a word).
+_LETTER = re.compile(r"^[\W_]*([ABC])(?![A-Za-z0-9])")
+_LABELS: dict[str, Label] = {"A": "A", "B": "B", "C": "tie"}
+_SWAP: dict[Label, Label] = {"A": "B", "B": "A", "tie": "tie"}
+
+
+def parse_verdict(text: str) -> Label | None:
+    """The verdict of one answer, or None when it has none or several different ones (a judge that writes
+    "[[A]]" and "[[B]]" has not said which it means; taking the first or the last would be a guess)."""
+    found = {_LABELS[m] for m in _VERDICT.findall(text or "")}
+    return found.pop() if len(found) == 1 else None
+
+
+def parse_letter(text: str) -> Label | None:
+    """The single-letter verdict: the answer's first letter when it is a capital A, B or C standing alone (C is a
+    tie); anything else, lower case included ("a" is as likely the article), is None: unparsed, never a label."""
+    match = _LETTER.match(text or "")
+    return _LABELS[match.group(1)] if match else None
+
+
 @dataclass(frozen=True)
 class PairwiseTemplate:
     """A pairwise judging prompt. `user` is formatted with {question}, {answer_a} and {answer_b}. The id and
-    version enter the cache key: change the version whenever the text changes."""
+    version enter the cache key: change the version whenever the text changes. `parser` reads one answer into a
+    verdict; `max_tokens` is the answer length the template needs, used where the configuration sets none."""
 
     id: str
     version: int
     system: str
     user: str
+    parser: Callable[[str], Label | None] = parse_verdict
+    max_tokens: int | None = None
 
     @property
     def name(self) -> str:
@@ -60,18 +92,34 @@ MT_BENCH_PAIR = PairwiseTemplate(
         "[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
         "[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]"
     ),
+    # Room for a few sentences and the verdict; what benchmarks/judge_accuracy.py measured with.
+    max_tokens=256,
 )
 
-_VERDICT = re.compile(r"\[\[\s*([ABC])\s*\]\]")
-_LABELS: dict[str, Label] = {"A": "A", "B": "B", "C": "tie"}
-_SWAP: dict[Label, Label] = {"A": "B", "B": "A", "tie": "tie"}
+# For a small local model: no explanation to write (a 135M model loses the thread of one before any verdict), the
+# question last so that the letter is the next thing to say, and two tokens of answer, which also makes a judgement
+# cost about one prompt read on a CPU.
+SINGLE_LETTER = PairwiseTemplate(
+    id="single_letter",
+    version=1,
+    system="You compare two answers to a request and reply with a single letter.",
+    user=(
+        "Request:\n{question}\n\nAnswer A:\n{answer_a}\n\nAnswer B:\n{answer_b}\n\n"
+        "Which answer is better? Reply with one letter only: A, B, or C if they are equally good."
+    ),
+    parser=parse_letter,
+    max_tokens=2,
+)
+
+TEMPLATES: dict[str, PairwiseTemplate] = {t.id: t for t in (MT_BENCH_PAIR, SINGLE_LETTER)}
 
 
-def parse_verdict(text: str) -> Label | None:
-    """The verdict of one answer, or None when it has none or several different ones (a judge that writes
-    "[[A]]" and "[[B]]" has not said which it means; taking the first or the last would be a guess)."""
-    found = {_LABELS[m] for m in _VERDICT.findall(text or "")}
-    return found.pop() if len(found) == 1 else None
+def template_by_id(template_id: str) -> PairwiseTemplate:
+    """The template a configuration names; KeyError lists the known ids."""
+    try:
+        return TEMPLATES[template_id]
+    except KeyError:
+        raise KeyError(f"unknown judge template {template_id!r} (known: {', '.join(sorted(TEMPLATES))})") from None
 
 
 def combine(verdict_ab: Label | None, verdict_ba: Label | None) -> Label | None:
@@ -107,9 +155,13 @@ class PairJudgement:
 
 
 def judgement_from_answers(
-    answer_ab: Completion | EndpointError | str, answer_ba: Completion | EndpointError | str, template: str = ""
+    answer_ab: Completion | EndpointError | str,
+    answer_ba: Completion | EndpointError | str,
+    template: str = "",
+    parser: Callable[[str], Label | None] = parse_verdict,
 ) -> PairJudgement:
-    """Combine the answers to the two orders (the second asked with the responses swapped) into one judgement."""
+    """Combine the answers to the two orders (the second asked with the responses swapped) into one judgement,
+    each read with `parser` (the template's)."""
     raws: list[str | None] = []
     errors: list[str] = []
     for answer in (answer_ab, answer_ba):
@@ -119,8 +171,8 @@ def judgement_from_answers(
         else:
             raws.append(answer if isinstance(answer, str) else answer.content)
     raw_ab, raw_ba = raws
-    verdict_ab = parse_verdict(raw_ab) if raw_ab is not None else None
-    swapped = parse_verdict(raw_ba) if raw_ba is not None else None
+    verdict_ab = parser(raw_ab) if raw_ab is not None else None
+    swapped = parser(raw_ba) if raw_ba is not None else None
     verdict_ba = _SWAP[swapped] if swapped is not None else None
     label = combine(verdict_ab, verdict_ba)
     status: Status = "error" if errors else ("ok" if label is not None else "unparsed")
@@ -155,7 +207,10 @@ def pairwise_judgements(
     answers = client.complete_many(
         requests, concurrency=concurrency, progress=progress, desc=f"judge {template.name}", max_failures=max_failures
     )
-    return [judgement_from_answers(answers[i], answers[i + 1], template.name) for i in range(0, len(answers), 2)]
+    return [
+        judgement_from_answers(answers[i], answers[i + 1], template.name, template.parser)
+        for i in range(0, len(answers), 2)
+    ]
 
 
 def summarise(judgements: Sequence[PairJudgement]) -> dict[str, float | int]:
