@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+from fixtures.composed_configs import GROUPS as COMPOSED_GROUPS
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
@@ -10,21 +11,7 @@ from omegaconf import OmegaConf
 import rrhf  # noqa: F401  (registers the config resolvers)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = [
-    "task",
-    "model",
-    "sampling",
-    "method",
-    "reward",
-    "eval",
-    "trainer",
-    "experiment",
-    "findings",
-    "techniques",
-    "preset",
-    "table3_arms",
-    "judge",
-]
+GROUPS = COMPOSED_GROUPS  # one list of the config groups: the recorded fixture composes the same ones
 
 
 def _options(group: str) -> list[str]:
