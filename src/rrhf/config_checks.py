@@ -134,6 +134,7 @@ BETA = number(0.0, 1.0, high_open=True)  # Adam's betas
 RULES: dict[str, Rule] = {
     "seed": Rule("an integer in [0, 2**32) (numpy's seed range)", lambda v: _is_int(v) and 0 <= v < 2**32),
     "threads": integer(1, null="torch's default"),
+    "cpu_allocator": choice("keep_freed", "system"),
     "dtype": DTYPE,
     "collate": boolean(),
     "name": text(),

@@ -163,6 +163,7 @@ def policy_scores(
     def score(chunk: list[int]) -> list[dict[str, list[float]]]:
         """Per pair: {semantics: [chosen score, rejected score]}."""
         out: list[dict[str, list[float]]] = [{} for _ in chunk]
+        scored: tuple[list, tuple[torch.Tensor, torch.Tensor]] | None = None
         for semantics in ("paper", "official"):
             examples = [
                 tokenize_example(
@@ -175,8 +176,13 @@ def policy_scores(
                 )
                 for i in chunk
             ]
-            with eval_mode(model):
-                sums, lengths = group_logprob_sums(model, [(e["query_ids"], e["responses_ids"]) for e in examples])
+            groups = [(e["query_ids"], e["responses_ids"]) for e in examples]
+            # The two rules often cut the same tokens (short prompts and responses): the forward is then
+            # the same one, so it runs once; only the divisor of each score differs.
+            if scored is None or scored[0] != groups:
+                with eval_mode(model):
+                    scored = groups, group_logprob_sums(model, groups)
+            sums, lengths = scored[1]
             pad_lengths = torch.tensor([e["pad_length"] for e in examples])
             scores = candidate_scores(
                 sums, lengths, semantics=semantics, length_penalty=length_penalty, pad_lengths=pad_lengths

@@ -119,9 +119,11 @@ def stage_cost(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _set_threads(cfg: DictConfig) -> None:
+def _tune_process(cfg: DictConfig) -> None:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    if cfg.get("cpu_allocator", "keep_freed") == "keep_freed" and placement.from_config(cfg).device.type == "cpu":
+        placement.keep_freed_cpu_memory()
 
 
 def _load_policy(cfg: DictConfig, path: str, where: Placement, *, authors_pad: bool = False):
@@ -606,7 +608,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     check_run_folder(run_dir)  # before anything else: a finished run of another launch shape stays as it is
     plain = check_config(cfg, ppo=PPOConfig, launch=False)  # the whole config, before any stage loads a model
-    _set_threads(cfg)
+    _tune_process(cfg)
     hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
     check_launch(plain)  # a profile this launch cannot run (FSDP in a plain process), once the files are there
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking

@@ -8,7 +8,10 @@ fp16, as the authors ran it). Training keeps fp32 weights and lets its profile's
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +58,32 @@ def from_config(cfg: Any, *, dtype: str | None = None) -> Placement:
     where a model has its own (e.g. `reward.dtype`), unless that is "auto"."""
     chosen = dtype if dtype not in (None, "auto") else cfg.get("dtype", "auto")
     return placement(cfg.get("device", "auto"), chosen)
+
+
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_KEEP_AT_TOP = 1 << 30  # freed memory above the heap's last block that malloc keeps rather than returns
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep the memory of freed CPU tensors for the next ones (True where it applied).
+
+    By default glibc serves every allocation over 32 MiB with its own mmap and unmaps it when freed, so each
+    training step's large temporaries (a batch's logits over the vocabulary and their gradients) arrive as
+    fresh pages that the kernel must fault in and zero again. Served from the heap and kept there, they are
+    reused: a CPU training step of the embedded policy took about 0.7x the time on a 2-core machine
+    (benchmarks/cpu_allocator.py). Only where the memory goes changes, never a computed value; the price is
+    a higher resident size, since freed blocks inside the heap are not returned to the system. Linux with
+    glibc only; elsewhere nothing is changed. There is no allocator setting in torch for this, hence mallopt.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries have no mallopt
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_AT_TOP))
 
 
 def trainer_device_args(args: dict[str, Any], where: torch.device) -> dict[str, Any]:
