@@ -44,6 +44,27 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproces
     return tmp, run_py(tmp, "experiment=smoke", cache=tmp.parent / "cache", timeout=600)
 
 
+@pytest.fixture
+def stub():
+    """start(replies) -> (Stub, base_url): a stub OpenAI-compatible endpoint for faults (tests/fixtures/endpoint.py)."""
+    from fixtures.endpoint import stub_servers
+
+    yield from stub_servers()
+
+
+@pytest.fixture(scope="session")
+def served():
+    """The real local judge server (transformers serve of the embedded SmolLM2 folder) on 127.0.0.1, started once
+    per test process for the tests that talk to it over HTTP."""
+    pytest.importorskip("fastapi", reason="the local judge server needs the `judge` extra")
+    pytest.importorskip("uvicorn", reason="the local judge server needs the `judge` extra")
+    from rrhf.judging import local_server
+
+    with local_server("embedded:smollm2") as server:
+        yield server
+    assert server.process.poll() is not None  # stopped on leaving the block
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """In CI (`.ci/run`, which installs and starts every service the tests use: pdflatex, Chromium, a SLURM

@@ -9,8 +9,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from tokenizers import decoders as tk_decoders
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rrhf.evaluation import PAPER_MAX_TEXT_TOKENS, greedy_responses, perplexities
-from rrhf.generation import stop_cut
+from rrhf.evaluation import PAPER_MAX_TEXT_TOKENS, perplexities
+from rrhf.generation import greedy_responses, stop_cut
 from rrhf.stats import preference_accuracy, sample_statistics
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "src" / "rrhf" / "metrics" / "perplexity"

@@ -18,8 +18,7 @@ from omegaconf import OmegaConf
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from rrhf.assets import add_pad_token, load_causal_lm
-from rrhf.evaluation import greedy_responses
-from rrhf.generation import decode_new, generate_batch, prompt_ids
+from rrhf.generation import decode_new, generate_batch, greedy_responses, prompt_ids
 
 PROMPT_A = "Human: What is a good movie?\n\nAssistant:"
 PROMPT_B = "Human: Can you tell me more about it?"

@@ -328,7 +328,7 @@ def test_alpaca_native_tokenizes_with_its_bos_and_stops_at_its_eos(reading: Path
     from fixtures.tokenizers import sentencepiece_processor
 
     from rrhf.assets import load_causal_lm
-    from rrhf.evaluation import greedy_responses
+    from rrhf.generation import greedy_responses
 
     model, tokenizer = load_causal_lm("chavinlo/alpaca-native")
     assert model.generation_config.eos_token_id == 1 and tokenizer.eos_token == tokenizer.bos_token == "</s>"

@@ -22,6 +22,7 @@ FLOORS = {
     "findings": STAGE,
     "techniques": STAGE,
     "humaneval.runs": STAGE,
+    "judged_eval": STAGE,
     "humaneval.__main__": ENTRY,
 }
 

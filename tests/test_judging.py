@@ -11,12 +11,12 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from fixtures.endpoint import completion
 
 from rrhf.judging import (
     MT_BENCH_PAIR,
@@ -37,68 +37,6 @@ from rrhf.judging import (
 )
 
 
-def _completion(content: str, finish_reason: str = "stop") -> dict:
-    return {
-        "id": "x",
-        "object": "chat.completion",
-        "model": "m",
-        "choices": [{"index": 0, "finish_reason": finish_reason, "message": {"role": "assistant", "content": content}}],
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# A stub endpoint for the faults: each POST takes the next scripted (status, headers, body) reply.
-
-
-class Stub:
-    def __init__(self, replies: list[tuple[int, dict, dict | str]] | Callable[[dict], tuple[int, dict, dict | str]]):
-        self.replies = replies
-        self.seen: list[tuple[dict, dict]] = []  # (headers, body) of every POST
-        self.lock = threading.Lock()
-
-    def reply(self, body: dict) -> tuple[int, dict, dict | str]:
-        with self.lock:
-            if callable(self.replies):
-                return self.replies(body)
-            return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
-
-
-@pytest.fixture
-def stub() -> Iterator[Callable[..., tuple[Stub, str]]]:
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(replies) -> tuple[Stub, str]:
-        state = Stub(replies)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with state.lock:
-                    state.seen.append((dict(self.headers), body))
-                status, headers, payload = state.reply(body)
-                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return state, f"http://127.0.0.1:{server.server_address[1]}/v1"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
 class Sleeps(list):
     """Records the back-off delays instead of sleeping them."""
 
@@ -110,7 +48,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 
 def test_429_then_200_honours_retry_after(stub) -> None:
-    state, url = stub([(429, {"Retry-After": "2"}, {"error": "slow down"}), (200, {}, _completion("hi"))])
+    state, url = stub([(429, {"Retry-After": "2"}, {"error": "slow down"}), (200, {}, completion("hi"))])
     sleeps = Sleeps()
     client = ChatClient(url, "m", api_key_env=None, sleep=sleeps)
     answer = client.complete(HELLO)
@@ -152,7 +90,7 @@ def test_client_error_is_not_retried_and_401_names_the_key_variable(stub, monkey
 
 def test_no_key_sent_without_one(stub, monkeypatch) -> None:
     monkeypatch.delenv("RRHF_TEST_JUDGE_KEY", raising=False)
-    state, url = stub([(200, {}, _completion("ok"))])
+    state, url = stub([(200, {}, completion("ok"))])
     ChatClient(url, "m", api_key_env="RRHF_TEST_JUDGE_KEY").complete(HELLO)
     assert "Authorization" not in state.seen[0][0]
 
@@ -185,7 +123,7 @@ def test_retry_after_forms() -> None:
 def test_many_requests_count_failures_keep_order_and_stop_past_max_failures(stub) -> None:
     def reply(body: dict) -> tuple[int, dict, dict]:
         text = body["messages"][0]["content"]
-        return (500, {}, {"error": "boom"}) if text.startswith("bad") else (200, {}, _completion(f"re: {text}"))
+        return (500, {}, {"error": "boom"}) if text.startswith("bad") else (200, {}, completion(f"re: {text}"))
 
     state, url = stub(reply)
     client = ChatClient(url, "m", api_key_env=None, max_retries=1, backoff_base=0.0, sleep=Sleeps())
@@ -221,7 +159,7 @@ def test_cache_key_covers_model_template_messages_and_params() -> None:
 
 
 def test_cache_answers_a_rerun_without_requests(stub, tmp_path: Path) -> None:
-    state, url = stub([(200, {}, _completion("cached text"))])
+    state, url = stub([(200, {}, completion("cached text"))])
     cache = JudgeCache(tmp_path / "cache")
     ChatClient(url, "m", api_key_env=None, cache=cache).complete(HELLO, template="t@v1")
     again = ChatClient(url, "m", api_key_env=None, cache=JudgeCache(tmp_path / "cache"))
@@ -306,7 +244,7 @@ def _judge_transport(answer: Callable[[str, str], str], seen: list | None = None
         second = user.split("[The Start of Assistant B's Answer]\n")[1].split("\n[The End")[0]
         if seen is not None:
             seen.append((first, second))
-        return httpx.Response(200, json=_completion(answer(first, second)))
+        return httpx.Response(200, json=completion(answer(first, second)))
 
     return httpx.MockTransport(handler)
 
@@ -368,17 +306,6 @@ def test_failed_request_is_an_error_not_a_label() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The real local server (transformers serve with the embedded SmolLM2 folder) over HTTP on 127.0.0.1.
-
-
-@pytest.fixture(scope="module")
-def served():
-    pytest.importorskip("fastapi", reason="the local judge server needs the `judge` extra")
-    pytest.importorskip("uvicorn", reason="the local judge server needs the `judge` extra")
-    from rrhf.judging import local_server
-
-    with local_server("embedded:smollm2") as server:
-        yield server
-    assert server.process.poll() is not None  # stopped on leaving the block
 
 
 def _posts_seen(server) -> int:

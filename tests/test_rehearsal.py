@@ -36,6 +36,7 @@ COMMANDS = [
     ["experiment=imdb", "sampling=imdb_B", "method=ppo", "method.ppo.target=null", "method.ppo.init_kl_coef=0.0,0.1"],
     ["experiment=alpaca_sft"],
     ["experiment=techniques_hh"],
+    ["experiment=table3", "judge=reward_model"],
 ]
 
 
@@ -118,6 +119,12 @@ def test_every_paper_experiment_runs_end_to_end_against_the_stand_ins(stand_in_h
     gaps = [line for line in missing.splitlines() if line.startswith("Table")]
     # Only the rows no command owns: Table 10's NLPO rows are RL4LMs' numbers (not a harness method).
     assert gaps == ["Table 10, row nlpo-no_kl: no run", "Table 10, row nlpo-kl_0.1: no run"], "\n".join(gaps)
+    # Table 3: the sheets and pages of the three comparisons from the Alpaca arms, labelled by the reward model.
+    (sheet,) = (tmp_path / "results" / "table3" / "table3").iterdir()
+    assert (sheet / "key.json").exists() and len(list(sheet.glob("annotators/*.html"))) == 3
+    judged = (tmp_path / "tables" / "table3_reward_model.csv").read_text()
+    for comparison in ("rrhf_dp-vs-good_responses", "rrhf_dp-vs-ppo", "rrhf_dp-vs-rrhf_ip2"):
+        assert comparison in judged
     # Alpaca-sft inside the sweeps is the policy experiment=alpaca_sft trains: one train stage, one key.
     sft = json.loads(next((tmp_path / "results" / "alpaca_sft").rglob("metrics.json")).read_text())
     trained = json.loads((Path(sft["trained"]["artifact"]) / "inputs.json").read_text())["policy"]

@@ -45,7 +45,7 @@ METHODS = ("rrhf", "sft", *PAIRWISE, "ppo", "best_of_n", "none")
 # Methods whose training runs trainer.args (PPO has its own loop).
 TRAINED_BY_THE_TRAINER = ("rrhf", "sft", *PAIRWISE)
 GENERATORS = ("diverse_beam", "beam", "top_p", "top_k", "none", "file")
-REWARDS = ("vader", "gptj_rm_static", "sequence_classifier")
+REWARDS = ("vader", "gptj_rm_static", "sequence_classifier", "llm_judge")
 # What a distributed launch (torchrun, a SLURM task made a torch rank) sets and FSDP / DeepSpeed need.
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Set by the pipeline itself: in trainer.args they would clash with (or silently lose to) its own.
@@ -126,6 +126,20 @@ def strings(options: tuple[str, ...]) -> Rule:
     )
 
 
+def aspect_weights() -> Rule:
+    """reward.weights of the LLM judge: null (the mean), or a weight >= 0 for each of its four aspects."""
+    from rrhf.judging.aspects import ASPECTS, check_weights
+
+    def ok(v: Any) -> bool:
+        try:
+            check_weights(v)
+        except ValueError:
+            return False
+        return True
+
+    return Rule(f"null (the mean), or a mapping of {', '.join(ASPECTS)} to numbers >= 0, not all 0", ok)
+
+
 POSITIVE, COUNT = integer(1), integer(0)
 DTYPE = choice("auto", *DTYPES)
 PROBABILITY_MASS = number(0.0, 1.0, low_open=True)  # top-p
@@ -202,6 +216,18 @@ RULES: dict[str, Rule] = {
     "reward.checkpoint_repo": text(),
     "reward.checkpoint_file": text(),
     "reward.truncation_side": choice("left", "right", null=True),
+    "reward.base_url": text(null=True),
+    "reward.model": text(),
+    "reward.api_key_env": text(null=True),
+    "reward.temperature": number(0.0),
+    "reward.max_tokens": integer(1, null="the template's"),
+    "reward.concurrency": POSITIVE,
+    "reward.retries": COUNT,
+    "reward.reasks": COUNT,
+    "reward.weights": aspect_weights(),
+    "reward.threads": integer(1, null="torch's default"),
+    "reward.device": text(),
+    "reward.cache": text(null=True),
     "eval.max_new_tokens": POSITIVE,
     "eval.min_new_tokens": COUNT,
     "eval.max_prompt_tokens": POSITIVE,
@@ -214,6 +240,17 @@ RULES: dict[str, Rule] = {
     "eval.dataset_responses": boolean(),
     "eval.reference_ppl": boolean(),
     "eval.reference_ppl_stride": POSITIVE,
+    "eval.pairwise.questions": text(),
+    "eval.pairwise.split": text(),
+    "eval.pairwise.field": text(),
+    "eval.pairwise.prompt_format": choice("auto", "chat_template", "hh", "alpaca"),
+    "eval.pairwise.max_new_tokens": POSITIVE,
+    "eval.pairwise.both_orders": boolean(),
+    "eval.pairwise.judge.base_url": text(null=True),
+    "eval.pairwise.judge.model": text(),
+    "eval.pairwise.judge.concurrency": POSITIVE,
+    "eval.pairwise.judge.max_tokens": integer(1, null="the endpoint's default"),
+    "eval.pairwise.judge.threads": integer(1, null="torch's default"),
     "trainer.name": text(),
 }
 # Keys every run reads (the others belong to some options only).
@@ -335,6 +372,7 @@ def check_config(
     check_output_paths(plain)
     _check_sampling(plain)
     _check_eval(plain)
+    _check_reward(plain)
     method = plain["method"]["name"]
     if method in TRAINED_BY_THE_TRAINER:
         _check_trainer(plain)
@@ -464,6 +502,21 @@ def _check_ranking(plain: dict[str, Any]) -> None:
             f"{s.get('train_on', 'all')}). method=rrhf ranks the candidates of each query, at least 2, or its "
             "ranking term is empty: raise sampling.num_candidates or add dataset responses, or set "
             "method.train_args.rank_weight=0 for the SFT term alone"
+        )
+
+
+def _check_reward(plain: dict[str, Any]) -> None:
+    """The LLM judge can fail on a response (no answer it could read: NaN, not a score). The score stage leaves
+    such a candidate out of its prompt's ranking; PPO's rollouts, best-of-n's pick and OP's refreshes use every
+    score they get, so they would train on or pick by a NaN."""
+    if plain["reward"].get("name") != "llm_judge":
+        return
+    method, refresh = plain["method"]["name"], plain["sampling"].get("refresh_steps")
+    if method in ("ppo", "best_of_n") or refresh:
+        what = f"method={method}" if method in ("ppo", "best_of_n") else f"sampling.refresh_steps={refresh}"
+        raise ConfigError(
+            f"reward=llm_judge with {what}: not supported; a failed judgement has no score, and only the score "
+            "stage's ranking leaves it out (offline sampling with method=rrhf, dpo, simpo, cpo)"
         )
 
 

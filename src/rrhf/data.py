@@ -302,6 +302,36 @@ def write_training_file(path: str | Path, rows: Iterable[dict[str, Any]]) -> Non
     write_jsonl(path, ({k: row[k] for k in keys if k in row and (k != "pad_responses" or row[k])} for row in rows))
 
 
+def without_failed(
+    examples: Sequence[dict[str, Any]], failed: Sequence[Sequence[bool]], *, min_candidates: int = 2
+) -> tuple[list[int], list[dict[str, Any]]]:
+    """The examples to train on when some candidates have no score (`failed[i][j]`: the LLM judge could not read
+    an answer about candidate j of example i), and their indices in `examples`.
+
+    A failed candidate leaves its group: it has no place in the ranking, where any stand-in score (0, the group's
+    mean) would be a judgement nobody made. A group that lost a candidate and keeps fewer than `min_candidates`
+    is left out (nothing to rank); a group without a failure is kept as it is, whatever its size, as before.
+    """
+    kept, out = [], []
+    for i, (example, bad) in enumerate(zip(examples, failed, strict=True)):
+        if not any(bad):
+            kept.append(i)
+            out.append(example)
+            continue
+        good = [j for j, b in enumerate(bad) if not b]
+        if len(good) < min_candidates:
+            continue
+        kept.append(i)
+        out.append(
+            {
+                **example,
+                "responses": [example["responses"][j] for j in good],
+                "scores": [example["scores"][j] for j in good],
+            }
+        )
+    return kept, out
+
+
 def _check_example(row: Any, where: str) -> None:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")

@@ -17,13 +17,9 @@ import torch.nn.functional as F
 from rrhf.generation import (
     decode_new,
     eval_mode,
-    left_padded,
     left_truncated_batch,
-    pad_id,
-    prompt_ids,
     sample,
     stop_cut,
-    stopping,
 )
 from rrhf.sharding import Mapper, length_sorted_batches, local_map
 
@@ -33,47 +29,6 @@ from rrhf.sharding import Mapper, length_sorted_batches, local_map
 PAPER_MAX_TEXT_TOKENS = 19
 
 PPL_MODES = ("paper", "exact")
-
-
-def greedy_responses(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 16,
-    max_prompt_tokens: int = 256,
-    min_new_tokens: int = 0,
-    mapper: Mapper = local_map,
-) -> list[str]:
-    """Greedy continuations of `prompts` (`decode_new`: the new text, special tokens skipped), in input order.
-
-    Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
-    sorted by length so that little padding is wasted. EOS is held back for `min_new_tokens`. No stop cut
-    is applied here (see `stop_cut`).
-    """
-    encoded = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
-    pad = pad_id(tokenizer)
-
-    @torch.no_grad()
-    def generate(chunk: list[int]) -> list[str]:
-        batch = left_padded([encoded[i] for i in chunk], pad)
-        with eval_mode(model):
-            out = model.generate(
-                input_ids=batch["input_ids"].to(model.device),
-                attention_mask=batch["attention_mask"].to(model.device),
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                **stopping(tokenizer, True, min_new_tokens),
-            )
-        return decode_new(tokenizer, out, batch["input_ids"].shape[1])
-
-    results = mapper(
-        length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy", unit="prompt"
-    )
-    return [results[i] for i in range(len(prompts))]
 
 
 def _clean(text: str) -> str:

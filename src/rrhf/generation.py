@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rrhf.beam_search import diverse_beam_search
+from rrhf.sharding import Mapper, length_sorted_batches, local_map
 
 # A new dialogue turn ends a response: the paper's evaluation cut (the authors' train.py:168-173).
 STOP_STRINGS = ("\n\nHuman:", "\n\nAssistant:", "\n\nhuman:", "\n\nassistant:")
@@ -228,3 +229,44 @@ def generate_batch(model, tokenizer, prompts: Sequence[str], cfg: Any, seed: int
             raise ValueError(f"sampling.generator={cfg.generator!r}: expected diverse_beam, beam, top_p, top_k or none")
     texts = decode_new(tokenizer, out, batch["input_ids"].shape[1])
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def greedy_responses(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    max_prompt_tokens: int = 256,
+    min_new_tokens: int = 0,
+    mapper: Mapper = local_map,
+) -> list[str]:
+    """Greedy continuations of `prompts` (`decode_new`: the new text, special tokens skipped), in input order.
+
+    Prompts are left-truncated to `max_prompt_tokens` and left-padded; batches are formed from prompts
+    sorted by length so that little padding is wasted. EOS is held back for `min_new_tokens`. No stop cut
+    is applied here (see `stop_cut`).
+    """
+    encoded = [prompt_ids(tokenizer, p, max_prompt_tokens) for p in prompts]
+    pad = pad_id(tokenizer)
+
+    @torch.no_grad()
+    def generate(chunk: list[int]) -> list[str]:
+        batch = left_padded([encoded[i] for i in chunk], pad)
+        with eval_mode(model):
+            out = model.generate(
+                input_ids=batch["input_ids"].to(model.device),
+                attention_mask=batch["attention_mask"].to(model.device),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                **stopping(tokenizer, True, min_new_tokens),
+            )
+        return decode_new(tokenizer, out, batch["input_ids"].shape[1])
+
+    results = mapper(
+        length_sorted_batches([len(x) for x in encoded], batch_size), generate, desc="greedy", unit="prompt"
+    )
+    return [results[i] for i in range(len(prompts))]

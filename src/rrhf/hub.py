@@ -325,6 +325,13 @@ def manifest(cfg: Any) -> list[Item]:
     if model.get("sft"):  # a policy fine-tuned on demand (rrhf.pipeline.initial_policy)
         add(model.sft.get("source"), "dataset", _revision(model.sft, "source_revision"), (DATA,), "model.sft.source")
     add(e.judge, "model", _revision(e, "judge_revision"), (CONFIG, WEIGHTS, TOKENIZER), "eval.judge")
+    if e.get("pairwise"):  # eval=pairwise_judge: its question set (e.g. Vicuna's 80) and a local judge model
+        pairwise = e.pairwise
+        add(
+            pairwise.questions, "dataset", _revision(pairwise, "questions_revision"), (DATA,), "eval.pairwise.questions"
+        )
+        if not pairwise.judge.get("base_url"):
+            add(pairwise.judge.model, "model", None, (CONFIG, WEIGHTS, TOKENIZER), "eval.pairwise.judge.model")
     if reward.name == "gptj_rm_static":
         add(
             reward.checkpoint_repo,

@@ -55,9 +55,20 @@ def _model_key(path: str) -> str:
     return model_identity(path)
 
 
+# How the LLM judge is reached and how fast (not what it answers): left out of the stage keys, so that a change of
+# endpoint key variable, concurrency or cache folder reuses the scores.
+_JUDGE_TRANSPORT = ("api_key_env", "concurrency", "retries", "batch_size", "threads", "cache")
+
+
 def _reward_key(cfg: DictConfig) -> dict:
     """The reward config, and the models it names by what they are (none for VADER)."""
     plain = _plain(cfg.reward)
+    if plain.get("name") == "llm_judge":
+        from rrhf.judging.aspects import WOMBAT_ASPECTS
+
+        key = {k: v for k, v in plain.items() if k not in _JUDGE_TRANSPORT} | {"template": WOMBAT_ASPECTS.name}
+        # A served local model by what it is; a hosted one can only be named.
+        return key | ({} if plain.get("base_url") else {"ids": {"model": _model_key(plain["model"])}})
     named = {k: plain[k] for k in ("checkpoint_repo", "backbone", "tokenizer", "path") if plain.get(k)}
     return plain | ({"ids": {k: _model_key(v) for k, v in named.items()}} if named else {})
 
@@ -194,8 +205,8 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
         inputs |= {"train_on": train_on, "pad_over_group": True}
 
     def build(work: Path) -> None:
-        from rrhf.data import training_group, write_training_file
-        from rrhf.reward import build_scorer, score_groups, score_in_shards
+        from rrhf.data import training_group, without_failed, write_jsonl, write_training_file
+        from rrhf.reward import build_scorer, record_score, records_in_shards, score_groups
         from rrhf.sampling import read_candidates
         from rrhf.stats import sample_statistics
 
@@ -207,27 +218,76 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
             )
             for i, row in enumerate(rows)
         ]
+        records: list[Any] = []
+
+        def score(prompts: list[str], responses: list[str]) -> list[float]:
+            records.extend(
+                records_in_shards(
+                    scorer, prompts, responses, work, "scores", desc="scoring candidates", crash_stage="score"
+                )
+            )
+            return [record_score(r) for r in records]
+
         with measured(work):
             scorer = build_scorer(cfg.reward, where)
-            scores = score_groups(
-                scorer,
-                [row["prompt"] for row in rows],
-                [group for group, _ in groups],
-                score=lambda prompts, responses: score_in_shards(
-                    scorer, prompts, responses, work, "scores", desc="scoring candidates", crash_stage="score"
+            try:
+                scores = score_groups(
+                    scorer, [row["prompt"] for row in rows], [group for group, _ in groups], score=score
+                )
+            finally:
+                scorer.close()
+        # The LLM judge records each candidate's ratings and failure (rrhf.judging.aspects): kept beside the
+        # training file, and a failed candidate (no readable answer, no score) leaves its prompt's ranking.
+        judged = any(isinstance(r, dict) for r in records)
+        failed, at = [], 0
+        for group, _ in groups:
+            failed.append([isinstance(r, dict) and bool(r.get("failed")) for r in records[at : at + len(group)]])
+            at += len(group)
+        if judged:
+            where_from = [(i, j, response) for i, (group, _) in enumerate(groups) for j, response in enumerate(group)]
+            write_jsonl(
+                work / "aspects.jsonl",
+                (
+                    {"index": i, "candidate": j, "response": response, **record}
+                    for (i, j, response), record in zip(where_from, records)
                 ),
             )
-        write_training_file(
-            work / "train.jsonl",
-            (
-                {"query": row["prompt"], "responses": group, "scores": sc, "pad_responses": rest}
-                for row, (group, rest), sc in zip(rows, groups, scores)
-            ),
-        )
+        examples = [
+            {"query": row["prompt"], "responses": group, "scores": sc, "pad_responses": rest}
+            for row, (group, rest), sc in zip(rows, groups, scores)
+        ]
+        kept, examples = without_failed(examples, failed)
+        n_failed = sum(map(sum, failed))
+        if n_failed:
+            log.warning(
+                "score: %d of %d candidates got no answer the judge's parser could read (left out of their "
+                "prompt's ranking, not scored 0); %d of %d prompts dropped, left with fewer than 2 scored "
+                "candidates. The score artifact's aspects.jsonl lists every judgement",
+                n_failed,
+                len(records),
+                len(rows) - len(kept),
+                len(rows),
+            )
+        if not examples:
+            raise RuntimeError(
+                f"score: no prompt kept 2 scored candidates ({n_failed} of {len(records)} judgements failed); "
+                f"the raw answers are in {work / 'aspects.jsonl'}"
+            )
+        write_training_file(work / "train.jsonl", examples)
         n_sampled = [0 if train_on == "provided" else len(generated.get(i, [])) for i in range(len(rows))]
-        stats = {"all": sample_statistics(scores)}
-        if any(n_sampled):
-            stats["sampled"] = sample_statistics([sc[:n] for sc, n in zip(scores, n_sampled) if n])
+        stats: dict[str, Any] = {"all": sample_statistics([e["scores"] for e in examples])}
+        sampled_scores = [
+            [sc for sc, bad in zip(scores[i][: n_sampled[i]], failed[i]) if not bad] for i in kept if n_sampled[i]
+        ]
+        if any(sampled_scores):
+            stats["sampled"] = sample_statistics([g for g in sampled_scores if g])
+        if judged:
+            stats["judge"] = {
+                "candidates": len(records),
+                "failed": n_failed,
+                "prompts": len(rows),
+                "prompts_dropped": len(rows) - len(kept),
+            }
         write_json_atomic(work / "stats.json", stats)
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "score", inputs, build, all_ranks=True)
@@ -443,12 +503,11 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         from rrhf.data import write_jsonl
         from rrhf.evaluation import (
             best_of_n_responses,
-            greedy_responses,
             perplexities,
             policy_scores,
             reference_perplexity,
         )
-        from rrhf.generation import stop_cut
+        from rrhf.generation import greedy_responses, stop_cut
         from rrhf.reward import build_scorer, score_in_shards
         from rrhf.sharding import shard_mapper
         from rrhf.stats import preference_accuracy
@@ -614,9 +673,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
     model_path = initial_policy(cfg)
-    metrics: dict[str, Any] = {
-        "initial": evaluate_stage(cfg, Evaluated.policy(model_path, f"model:{_model_key(model_path)}"))
-    }
+    initial_key = f"model:{_model_key(model_path)}"
+    metrics: dict[str, Any] = {"initial": evaluate_stage(cfg, Evaluated.policy(model_path, initial_key))}
+    final_policy: tuple[str, str] | None = (model_path, initial_key)  # the policy a pairwise evaluation asks
     if cfg.eval.dataset_responses:
         fields = ("chosen",) if cfg.task.get("format") == "imdb_prefix" else ("chosen", "rejected")
         metrics["dataset"] = {field: evaluate_stage(cfg, Evaluated.dataset(field)) for field in fields}
@@ -645,10 +704,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 for name, folder in (("sample", sampled), ("score", scored), ("train", trained.parent))
                 if folder
             }
+            final_policy = (policy, f"train:{trained.parent.name}")
             iteration = {
                 "samples": json.loads((scored / "stats.json").read_text()),
                 "candidates": str(scored / "train.jsonl"),
-                "trained": evaluate_stage(cfg, Evaluated.policy(policy, f"train:{trained.parent.name}")),
+                "trained": evaluate_stage(cfg, Evaluated.policy(*final_policy)),
                 "train_log": str(trained.parent / "log_history.json"),
             }
             if online:
@@ -665,18 +725,24 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             else ppo_stage(cfg, model_path)
         )
         costs["train_1"] = stage_cost(trained.parent)
-        metrics["trained"] = evaluate_stage(
-            cfg, Evaluated.policy(str(trained), f"{trained.parent.parent.name}:{trained.parent.name}")
-        )
+        final_policy = (str(trained), f"{trained.parent.parent.name}:{trained.parent.name}")
+        metrics["trained"] = evaluate_stage(cfg, Evaluated.policy(*final_policy))
         metrics["train_log"] = str(trained.parent / "log_history.json")
         metrics["final"] = metrics["trained"]
     elif cfg.method.name == "best_of_n":
         key = f"best_of_n:{_model_key(model_path)}:{_plain(cfg.method)}:seed={cfg.seed}"
         metrics["final"] = evaluate_stage(cfg, Evaluated.best_of_n(model_path, key))
+        final_policy = None  # n samples and a reward model: no one policy to put before a judge
     elif cfg.method.name == "none":
         metrics["final"] = metrics["initial"]
     else:
         raise ValueError(f"method.name={cfg.method.name!r}: expected rrhf, dpo, simpo, cpo, sft, ppo, best_of_n, none")
+    if cfg.eval.get("pairwise"):  # eval=pairwise_judge: the Vicuna-style judged comparison (rrhf.judged_eval)
+        from rrhf.judged_eval import pairwise_evaluation
+
+        if final_policy is None:
+            raise ValueError(f"eval=pairwise_judge asks one policy's answers; method={cfg.method.name} has none")
+        metrics["pairwise"] = pairwise_evaluation(cfg, {"initial": (model_path, initial_key), "trained": final_policy})
     if rank() != 0:  # under torchrun every rank runs the pipeline; one writes the results
         return metrics
     write_json_atomic(run_dir / LAUNCH_FILE, {"world_size": world_size()})  # first: it describes the metrics

@@ -4,17 +4,27 @@
 - `gptj_rm_static`: Dahoas/gptj-rm-static, the paper's HH reward model (paper-notes section 5).
 - `sequence_classifier`: any Hugging Face sequence-classification model (the IMDB appendix uses the
   positive-class probability of lvwerra/distilbert-imdb).
+- `llm_judge`: Wombat's reward, an LLM behind an OpenAI-compatible endpoint rating relevance, correctness,
+  coherence and safety (`LLMJudgeScorer`, `rrhf.judging.aspects`). The one scorer that can fail on an item (an
+  answer it cannot read): that item's score is NaN, and its shard record says why.
 
 A scorer turns each (prompt, response) into the text it scores, forms its batches (model scorers: texts of
 similar length together, so little compute goes to padding) and scores one batch at a time, so a stage can
-divide the batches among ranks (`score_in_shards`) and get the same numbers as one process.
+divide the batches among ranks (`score_in_shards`) and get the same numbers as one process. What a shard keeps of a
+batch is the scorer's `score_records`: the scores themselves, or for the LLM judge a record per item (its ratings,
+raw answers, failure) that the score stage writes beside the training file (`records_in_shards`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import json
+import math
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +32,10 @@ from torch import nn
 from rrhf import hub
 from rrhf.placement import Placement
 from rrhf.sharding import length_sorted_batches, map_batches
+
+if TYPE_CHECKING:
+    from rrhf.judging.aspects import AspectJudgement
+    from rrhf.judging.client import ChatClient, ChatRequest
 
 
 class Scorer:
@@ -35,6 +49,14 @@ class Scorer:
 
     def score_texts(self, texts: list[str]) -> list[float]:
         raise NotImplementedError
+
+    def score_records(self, texts: list[str]) -> list[Any]:
+        """What a stage's shard keeps of one batch, one JSON value per text (`record_score` reads its score): the
+        scores themselves here; a scorer with more to keep returns a mapping per text with its `score`."""
+        return [float(v) for v in self.score_texts(texts)]
+
+    def close(self) -> None:
+        """Release what the scorer holds beyond memory (the LLM judge's local server); nothing here."""
 
     def batches(self, texts: Sequence[str]) -> list[list[int]]:
         """Indices of `texts` in the batches this scorer runs (longest first, so memory peaks at once)."""
@@ -231,6 +253,183 @@ class SequenceClassifierScorer(Scorer):
         return values[:, self.label].tolist()
 
 
+class LLMJudgeScorer(Scorer):
+    """Wombat's reward (`rrhf.judging.aspects`): an LLM rates each (prompt, response) on relevance, correctness,
+    coherence and safety in one request; the reward is their mean or weighted mean, NaN when no answer could be
+    read (a recorded failure, never a 0 that would rank the candidate last).
+
+    A text is the (prompt, response) pair as a JSON array: the stages hand a scorer strings (`texts`, `batches`,
+    `score_texts`), and the judge needs both halves. A batch's requests run concurrently (`concurrency` at once,
+    each judgement's follow-ups in its own thread), with a progress bar whose postfix counts the failures so far.
+
+    `client` carries the cache and the parameters every request is keyed by. Without `serve` it is the endpoint.
+    With `serve` (a local model: `reward.base_url` null) it reaches nothing and only reads the cache; `serve(stack)`
+    starts the local server on the first judgement the cache cannot give and returns a client for it with the same
+    model identity and parameters (so the same keys), its lifetime in `stack`, which `close` ends. A rerun whose
+    answers are all cached starts no server and sends nothing.
+
+    A request that fails for good (the client's retries spent) raises its EndpointError once the requests in
+    flight have ended (their answers are cached; those not started are dropped): an endpoint that is down fails
+    the stage, and a rerun asks only what is missing, rather than recording an outage as bad candidates.
+    """
+
+    def __init__(
+        self,
+        client: ChatClient,
+        *,
+        serve: Callable[[contextlib.ExitStack], ChatClient] | None = None,
+        weights: Mapping[str, float] | None = None,
+        reasks: int = 1,
+        concurrency: int = 1,
+        batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        from rrhf.judging.aspects import WOMBAT_ASPECTS, check_weights
+
+        self.client, self._serve = client, serve
+        self.template = WOMBAT_ASPECTS
+        self.weights = check_weights(weights)
+        self.reasks, self.concurrency, self.batch_size = reasks, max(1, concurrency), batch_size
+        self.progress = progress
+        self.judged = self.failed = self.reasked = 0  # this process's judgements that needed the endpoint
+        self._stack = contextlib.ExitStack()
+        self._stack.callback(client.close)
+        # A scorer dropped without `close` (evaluation builds one per stage) still stops its server.
+        self._finalizer = weakref.finalize(self, self._stack.close)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> LLMJudgeScorer:
+        """conf/reward/llm_judge.yaml: a hosted or served endpoint at `base_url`, or (null) the local model
+        `model` served on 127.0.0.1 when first needed; answers cached in `cache` ($RRHF_CACHE/judge_cache)."""
+        from rrhf.assets import cache_root, model_identity
+        from rrhf.judging.aspects import WOMBAT_ASPECTS
+        from rrhf.judging.cache import JudgeCache
+        from rrhf.judging.client import ChatClient
+        from rrhf.judging.server import local_server
+
+        settings: dict[str, Any] = {
+            "cache": JudgeCache(cfg.get("cache") or cache_root() / "judge_cache"),
+            "temperature": float(cfg.temperature),
+            "max_tokens": cfg.get("max_tokens") or WOMBAT_ASPECTS.max_tokens,
+            "max_retries": int(cfg.retries),
+        }
+        weights = cfg.get("weights")
+        options: dict[str, Any] = {
+            "weights": dict(weights) if weights is not None else None,
+            "reasks": int(cfg.reasks),
+            "concurrency": int(cfg.concurrency),
+            "batch_size": int(cfg.batch_size),
+        }
+        if cfg.get("base_url"):
+            return cls(ChatClient(cfg.base_url, cfg.model, api_key_env=cfg.get("api_key_env"), **settings), **options)
+
+        def serve(stack: contextlib.ExitStack) -> ChatClient:
+            server = stack.enter_context(local_server(cfg.model, threads=cfg.get("threads"), device=cfg.device))
+            return stack.enter_context(server.client(**settings))
+
+        # Keyed by the model's identity, as the server's client is: answers a local server gave are found without it.
+        probe = ChatClient(
+            "http://127.0.0.1:9/v1", cfg.model, model_id=model_identity(cfg.model), api_key_env=None, **settings
+        )
+        return cls(probe, serve=serve, **options)
+
+    def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+        return [json.dumps([p, r], ensure_ascii=False) for p, r in zip(prompts, responses)]
+
+    def score_texts(self, texts: list[str]) -> list[float]:
+        return [record_score(r) for r in self.score_records(texts)]
+
+    def score_records(self, texts: list[str]) -> list[dict[str, Any]]:
+        """Each pair's `AspectJudgement.to_dict()`: score (None when failed), ratings, failure, raw answers."""
+        return [j.to_dict() for j in self.judge([tuple(json.loads(t)) for t in texts])]
+
+    def judge(self, pairs: Sequence[tuple[str, str]]) -> list[AspectJudgement]:
+        """The judgement of every (prompt, response): first what the cache holds, then the rest from the endpoint."""
+        from rrhf.judging.aspects import judge_pair
+
+        options = {"template": self.template, "reasks": self.reasks, "weights": self.weights}
+        found = [judge_pair(p, r, self._cached, **options) for p, r in pairs]
+        left = [i for i, j in enumerate(found) if j is None]
+        if left:
+            if self._serve is not None:
+                # From this (the stage's) thread: the server is tied to the thread that starts it (`local_server`).
+                self.client, self._serve = self._serve(self._stack), None
+            for i, judgement in zip(left, self._ask([pairs[i] for i in left], options)):
+                found[i] = judgement
+        return found  # type: ignore[return-value]  (every None was filled)
+
+    def _cached(self, request: ChatRequest) -> str | None:
+        cache = self.client.cache
+        answer = cache.get(self.client.key(request)) if cache is not None else None
+        return None if answer is None else answer["content"]
+
+    def _ask(self, pairs: Sequence[tuple[str, str]], options: dict[str, Any]) -> list[AspectJudgement]:
+        from tqdm.auto import tqdm
+
+        from rrhf.judging.aspects import judge_pair
+
+        def answer(request: ChatRequest) -> str:
+            return self.client.complete_request(request).content
+
+        out: list[Any] = [None] * len(pairs)
+        bar = tqdm(total=len(pairs), desc="llm judge", unit="judgement", disable=not self.progress, leave=False)
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="llm-judge")
+        try:
+            pending: dict[Future[Any], int] = {
+                pool.submit(judge_pair, p, r, answer, **options): i for i, (p, r) in enumerate(pairs)
+            }
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    judgement = future.result()  # an EndpointError ends the batch here
+                    out[pending.pop(future)] = judgement
+                    self.judged += 1
+                    self.failed += judgement.failed
+                    self.reasked += len(judgement.answers) - 1
+                    bar.update(1)
+                    bar.set_postfix(failed=self.failed, reasked=self.reasked, refresh=False)
+        finally:
+            # Those in flight finish (bounded by their retries) so that their answers are cached for the rerun.
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        return out
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def record_score(record: Any) -> float:
+    """The score in a shard record (`Scorer.score_records`): the number itself, or a mapping's `score`; None, a
+    failed judgement (JSON has no NaN), is NaN."""
+    value = record.get("score") if isinstance(record, Mapping) else record
+    return math.nan if value is None else float(value)
+
+
+def records_in_shards(
+    scorer: Scorer,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    work: Path,
+    name: str,
+    *,
+    desc: str = "scoring",
+    crash_stage: str | None = None,
+) -> list[Any]:
+    """Every item's `scorer.score_records` value, the batches divided among the ranks of a launch
+    (`rrhf.sharding.map_batches`)."""
+    texts = scorer.texts(prompts, responses)
+    results = map_batches(
+        work,
+        name,
+        scorer.batches(texts),
+        lambda batch: scorer.score_records([texts[i] for i in batch]),
+        desc=desc,
+        unit="response",
+        crash_stage=crash_stage,
+    )
+    return [results[i] for i in range(len(texts))]
+
+
 def score_in_shards(
     scorer: Scorer,
     prompts: Sequence[str],
@@ -241,18 +440,10 @@ def score_in_shards(
     desc: str = "scoring",
     crash_stage: str | None = None,
 ) -> list[float]:
-    """`scorer.score`, the batches divided among the ranks of a launch (`rrhf.sharding.map_batches`)."""
-    texts = scorer.texts(prompts, responses)
-    results = map_batches(
-        work,
-        name,
-        scorer.batches(texts),
-        lambda batch: [float(v) for v in scorer.score_texts([texts[i] for i in batch])],
-        desc=desc,
-        unit="response",
-        crash_stage=crash_stage,
-    )
-    return [results[i] for i in range(len(texts))]
+    """`scorer.score`, the batches divided among the ranks of a launch (`records_in_shards`); NaN for an item the
+    scorer recorded as failed."""
+    records = records_in_shards(scorer, prompts, responses, work, name, desc=desc, crash_stage=crash_stage)
+    return [record_score(r) for r in records]
 
 
 def score_groups(
@@ -281,4 +472,8 @@ def build_scorer(cfg: Any, where: Placement | None = None) -> Scorer:
         return GPTJRMScorer.from_config(cfg, where)
     if cfg.name == "sequence_classifier":
         return SequenceClassifierScorer.from_config(cfg, where)
-    raise ValueError(f"reward.name={cfg.name!r}: unknown reward; known: vader, gptj_rm_static, sequence_classifier")
+    if cfg.name == "llm_judge":
+        return LLMJudgeScorer.from_config(cfg)
+    raise ValueError(
+        f"reward.name={cfg.name!r}: unknown reward; known: vader, gptj_rm_static, sequence_classifier, llm_judge"
+    )

@@ -486,17 +486,9 @@ def _report(headline: str, table: Table3) -> None:
 
 def _llm_settings(judge: Mapping[str, Any] | None) -> dict[str, Any]:
     # conf/judge/llm.yaml's defaults, for a caller (a test, the command line) that passes some or none.
-    defaults = {
-        "base_url": None,
-        "model": "embedded:smollm2",
-        "api_key_env": "OPENAI_API_KEY",
-        "template": "single_letter",
-        "concurrency": 1,
-        "max_tokens": None,
-        "threads": 1,
-        "device": "cpu",
-        "cache": None,
-    }
+    from rrhf.judging.server import JUDGE_DEFAULTS
+
+    defaults = {**JUDGE_DEFAULTS, "template": "single_letter"}
     plain = OmegaConf.to_container(judge, resolve=True) if isinstance(judge, DictConfig) else dict(judge or {})
     return {**defaults, **{k: v for k, v in plain.items() if k != "name"}}
 
@@ -531,10 +523,9 @@ def judge_with_llm(
     `sheets/labels/llm/unparsed.json`. Answers go through the judge cache: a rerun asks nothing again, and starts
     no local server when every answer is cached. A request that failed for good stops here before any table is
     written (a rerun asks only the failed ones)."""
-    from contextlib import ExitStack
-
-    from rrhf.assets import cache_root, model_identity
-    from rrhf.judging import ChatClient, JudgeCache, local_server, pair_requests, pairwise_judgements, template_by_id
+    from rrhf.assets import cache_root
+    from rrhf.judging import JudgeCache, pair_requests, pairwise_judgements, template_by_id
+    from rrhf.judging.server import judge_client
 
     settings = dict(settings) if settings is not None else sweep_settings(results)
     conf = _llm_settings(judge)
@@ -548,30 +539,8 @@ def judge_with_llm(
     cache = JudgeCache(conf["cache"] or cache_root() / "judge_cache")
     client_settings = {"cache": cache, "max_tokens": max_tokens}
 
-    with ExitStack() as stack:
-        if conf["base_url"]:
-            client = stack.enter_context(
-                ChatClient(conf["base_url"], conf["model"], api_key_env=conf["api_key_env"], **client_settings)
-            )
-        else:
-            # Cache keys name the model by its identity, not by where it is served: a client that reaches nothing
-            # finds the answers a local server gave, and no server is started when nothing is left to ask.
-            probe = ChatClient(
-                "http://127.0.0.1:9/v1",
-                conf["model"],
-                model_id=model_identity(conf["model"]),
-                api_key_env=None,
-                **client_settings,
-            )
-            asked = [r for pair in shown + test_pairs for r in pair_requests(*pair, template)]
-            if probe.uncached(asked):
-                probe.close()
-                server = stack.enter_context(
-                    local_server(conf["model"], threads=conf["threads"], device=conf["device"])
-                )
-                client = stack.enter_context(server.client(**client_settings))
-            else:
-                client = stack.enter_context(probe)
+    asked = [r for pair in shown + test_pairs for r in pair_requests(*pair, template)]
+    with judge_client(conf, asked, **client_settings) as client:
         # One call for the sheets and the test pairs: one server, one progress bar, identical requests sent once.
         judged = pairwise_judgements(
             client, shown + test_pairs, template=template, concurrency=int(conf["concurrency"])

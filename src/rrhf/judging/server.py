@@ -17,6 +17,7 @@ plus ~0.06 s per generated token: 16 s per judgement on average over the 128 of 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -31,7 +32,9 @@ from typing import Any
 
 import httpx
 
-from rrhf.judging.client import ChatClient
+from rrhf.judging.client import ChatClient, ChatRequest
+
+log = logging.getLogger(__name__)
 
 # The model the offline default judges with.
 DEFAULT_MODEL = "embedded:smollm2"
@@ -210,3 +213,52 @@ def _wait_ready(process: subprocess.Popen[bytes], base: str, deadline: float, lo
                 f"({log_path}) ends:\n{_log_tail(log_path)}"
             )
         time.sleep(0.2)
+
+
+# conf/judge/llm.yaml's endpoint keys and their defaults: what `judge_client` reads from a judge's settings.
+JUDGE_DEFAULTS: dict[str, Any] = {
+    "base_url": None,
+    "model": DEFAULT_MODEL,
+    "api_key_env": "OPENAI_API_KEY",
+    "concurrency": 1,
+    "max_tokens": None,
+    "threads": 1,
+    "device": "cpu",
+    "cache": None,
+}
+
+
+@contextlib.contextmanager
+def judge_client(settings: dict[str, Any], asked: list[ChatRequest], **client_settings: Any) -> Iterator[ChatClient]:
+    """A ChatClient for a judge's settings (`JUDGE_DEFAULTS`' keys): the endpoint at `base_url`, or, without one, a
+    local server of `model` started for the block, but only when the cache cannot answer every request in
+    `asked` (the requests the caller is about to send). `client_settings` go to the client (cache, max_tokens)."""
+    from rrhf.assets import model_identity
+
+    with contextlib.ExitStack() as stack:
+        if settings["base_url"]:
+            yield stack.enter_context(
+                ChatClient(
+                    settings["base_url"], settings["model"], api_key_env=settings["api_key_env"], **client_settings
+                )
+            )
+            return
+        # Cache keys name the model by its identity, not by where it is served: a client that reaches nothing finds
+        # the answers a local server gave, and no server is started when nothing is left to ask.
+        probe = ChatClient(
+            "http://127.0.0.1:9/v1",
+            settings["model"],
+            model_id=model_identity(settings["model"]),
+            api_key_env=None,
+            **client_settings,
+        )
+        uncached = probe.uncached(asked)
+        if not uncached:
+            yield stack.enter_context(probe)
+            return
+        probe.close()
+        log.info("starting a local judge server (%s) for %d uncached requests", settings["model"], len(uncached))
+        server = stack.enter_context(
+            local_server(settings["model"], threads=settings["threads"], device=settings["device"])
+        )
+        yield stack.enter_context(server.client(**client_settings))
