@@ -170,6 +170,16 @@ def test_sheets_stage_is_cached(sweep: Path, monkeypatch) -> None:
     assert built and other != folder
 
 
+def test_shared_pairs_are_capped_at_half_of_what_is_drawn(sweep: Path, caplog) -> None:
+    # 3 comparisons x 12 test prompts = 36 drawn: the paper's 30 shared pairs would leave 6 to score; 18 are shared.
+    copy = sheets_from_runs(sweep, settings=settings_of(SETTINGS | {"shared": 30}))
+    assert json.loads((copy / "design.json").read_text())["shared"] == 18
+    assert "30 shared pairs asked of 36 drawn: sharing 18" in caplog.text
+    key = json.loads((copy / "key.json").read_text())
+    shown = [i for i in key["items"].values() if not i["identical"]]
+    assert 0 < sum(i["shared"] for i in shown) <= 18 < len(key["items"])
+
+
 def test_runs_must_answer_the_same_prompts(tmp_path: Path) -> None:
     results = tmp_path / "results" / "offline_table3"
     _run(results, "rrhf_dp", [LOVED] * 12, dataset=True)

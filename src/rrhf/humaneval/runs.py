@@ -244,11 +244,16 @@ def sheets_stage(
                 prompts,
                 per_comparison,
             )
+        drawn = (prompts if per_comparison is None else per_comparison) * len(comparisons)
+        # Likewise the 30 shared pairs: at most half of what is drawn, so that scored pairs remain.
+        shared = min(int(settings["shared"]), drawn // 2)
+        if shared < int(settings["shared"]):
+            log.warning("table3: %d shared pairs asked of %d drawn: sharing %d", settings["shared"], drawn, shared)
         sheets = build_sheets(
             comparisons,
             seed=int(settings["seed"]),
             pairs_per_comparison=per_comparison,
-            shared=int(settings["shared"]),
+            shared=shared,
             annotators=settings["annotators"],
         )
         write_sheets(sheets, work)
@@ -260,6 +265,7 @@ def sheets_stage(
                 "pairs_per_comparison_asked": asked,
                 "pairs_per_comparison": per_comparison,
                 "test_prompts": prompts,
+                "shared": shared,
                 "settings": dict(settings),
                 "sources": {s: {"run_key": r.run_key, "artifact": str(r.artifact)} for s, r in loaded.items()},
             },
