@@ -184,6 +184,27 @@ def test_evaluation_finishes_and_counts_empty_responses(tiny: str, tmp_path: Pat
     assert responses[1]["ppl_exact"] == responses[2]["ppl_exact"]  # both scored as EOS alone
 
 
+def test_an_evaluation_leaves_a_failed_rating_out_of_the_mean_reward(tiny: str, tmp_path: Path, monkeypatch) -> None:
+    """reward=llm_judge can fail to rate a response (NaN): the mean reward is over the rated ones, the count of
+    failures is kept, and responses.jsonl holds null for it (strict JSON has no NaN), never 0."""
+    from rrhf import reward
+    from rrhf.pipeline import Evaluated, evaluate_stage
+
+    class HalfRated(reward.Scorer):  # records as LLMJudgeScorer keeps them: no score for a failed rating
+        def score_records(self, texts: list[str]) -> list[dict]:
+            return [{"score": None if "fails" in t else 1.0} for t in texts]
+
+    monkeypatch.setattr(reward, "build_scorer", lambda *args, **kwargs: HalfRated())
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [ROW, {**ROW, "chosen": "this one fails"}, {**ROW, "chosen": "fine"}]
+    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = evaluate_stage(_compose(tmp_path, f"task.source={data}"), Evaluated.dataset("chosen"))
+    assert metrics["reward"] == 1.0 and metrics["reward_failed"] == 1
+    responses = [json.loads(line) for line in (Path(metrics["artifact"]) / "responses.jsonl").read_text().splitlines()]
+    assert [r["reward"] for r in responses] == [1.0, None, 1.0]
+
+
 # ----- item 5: run folders -----
 
 

@@ -518,6 +518,12 @@ def _check_reward(plain: dict[str, Any]) -> None:
             f"reward=llm_judge with {what}: not supported; a failed judgement has no score, and only the score "
             "stage's ranking leaves it out (offline sampling with method=rrhf, dpo, simpo, cpo)"
         )
+    if plain["method"].get("pairs") == "dataset":
+        raise ConfigError(
+            "reward=llm_judge with method.pairs=dataset: not supported; the data set's pair is found by its place at "
+            "the end of a group, which a candidate left out for a failed judgement would shift (method.pairs="
+            "best_worst or all)"
+        )
 
 
 def _check_eval(plain: dict[str, Any]) -> None:

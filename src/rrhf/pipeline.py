@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -593,7 +594,7 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
                 {
                     "prompt": prompt,
                     "response": responses[i],
-                    "reward": rewards[i],
+                    "reward": None if math.isnan(rewards[i]) else rewards[i],  # NaN: an LLM judge's failed rating
                     "ppl_paper": ppl["paper"][i],
                     "ppl_exact": ppl["exact"][i],
                 }
@@ -602,9 +603,12 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         )
         # Empty responses (after the stop cut) are scored like any other (`perplexities`: the judge's EOS
         # alone where its tokenizer has no token for them) and counted here.
+        rated = [r for r in rewards if not math.isnan(r)]
+        if len(rated) < len(rewards):  # reward=llm_judge: a rating it could not read is left out, never 0
+            metrics["reward_failed"] = len(rewards) - len(rated)
         metrics |= {
             "empty_responses": sum(not r.strip() for r in responses),
-            "reward": sum(rewards) / len(rewards),
+            "reward": sum(rated) / len(rated) if rated else math.nan,
             "ppl_paper": sum(ppl["paper"]) / len(responses),
             "ppl_exact": sum(ppl["exact"]) / len(responses),
         }
