@@ -28,6 +28,9 @@ from tqdm.auto import tqdm
 from rrhf.judging.cache import JudgeCache, request_key
 
 log = logging.getLogger(__name__)
+# httpx logs every request at INFO: hundreds of lines per judging stage in a run's log, where the progress bar and
+# this module's warnings (failures, retries) already say what happened.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 Message = Mapping[str, str]
 
