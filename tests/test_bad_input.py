@@ -170,14 +170,19 @@ def test_an_empty_response_scores_as_the_judge_eos_alone(tiny: str) -> None:
         assert math.isfinite(ppl[2]) and ppl[2] != pytest.approx(expected)
 
 
-def test_evaluation_finishes_and_counts_empty_responses(tiny: str, tmp_path: Path) -> None:
+def _evaluate_chosen(tmp_path: Path, rows: list[dict]) -> dict:
+    """The evaluation of a test split made of `rows`' chosen responses (experiment=smoke otherwise)."""
     from rrhf.pipeline import Evaluated, evaluate_stage
 
     data = tmp_path / "data"
     data.mkdir()
-    rows = [ROW, {**ROW, "chosen": ""}, {**ROW, "chosen": "\n\n"}]
     (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = evaluate_stage(_compose(tmp_path, f"task.source={data}"), Evaluated.dataset("chosen"))
+    return evaluate_stage(_compose(tmp_path, f"task.source={data}"), Evaluated.dataset("chosen"))
+
+
+def test_evaluation_finishes_and_counts_empty_responses(tiny: str, tmp_path: Path) -> None:
+
+    metrics = _evaluate_chosen(tmp_path, [ROW, {**ROW, "chosen": ""}, {**ROW, "chosen": "\n\n"}])
     assert metrics["empty_responses"] == 2 and metrics["num_prompts"] == 3
     assert all(math.isfinite(metrics[k]) for k in ("reward", "ppl_paper", "ppl_exact"))
     responses = [json.loads(line) for line in (Path(metrics["artifact"]) / "responses.jsonl").read_text().splitlines()]
@@ -188,18 +193,13 @@ def test_an_evaluation_leaves_a_failed_rating_out_of_the_mean_reward(tiny: str, 
     """reward=llm_judge can fail to rate a response (NaN): the mean reward is over the rated ones, the count of
     failures is kept, and responses.jsonl holds null for it (strict JSON has no NaN), never 0."""
     from rrhf import reward
-    from rrhf.pipeline import Evaluated, evaluate_stage
 
     class HalfRated(reward.Scorer):  # records as LLMJudgeScorer keeps them: no score for a failed rating
         def score_records(self, texts: list[str]) -> list[dict]:
             return [{"score": None if "fails" in t else 1.0} for t in texts]
 
     monkeypatch.setattr(reward, "build_scorer", lambda *args, **kwargs: HalfRated())
-    data = tmp_path / "data"
-    data.mkdir()
-    rows = [ROW, {**ROW, "chosen": "this one fails"}, {**ROW, "chosen": "fine"}]
-    (data / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = evaluate_stage(_compose(tmp_path, f"task.source={data}"), Evaluated.dataset("chosen"))
+    metrics = _evaluate_chosen(tmp_path, [ROW, {**ROW, "chosen": "this one fails"}, {**ROW, "chosen": "fine"}])
     assert metrics["reward"] == 1.0 and metrics["reward_failed"] == 1
     responses = [json.loads(line) for line in (Path(metrics["artifact"]) / "responses.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in responses] == [1.0, None, 1.0]

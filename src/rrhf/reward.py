@@ -301,11 +301,11 @@ class LLMJudgeScorer(Scorer):
     def from_config(cls, cfg: Any) -> LLMJudgeScorer:
         """conf/reward/llm_judge.yaml: a hosted or served endpoint at `base_url`, or (null) the local model
         `model` served on 127.0.0.1 when first needed; answers cached in `cache` ($RRHF_CACHE/judge_cache)."""
-        from rrhf.assets import cache_root, model_identity
+        from rrhf.assets import cache_root
         from rrhf.judging.aspects import WOMBAT_ASPECTS
         from rrhf.judging.cache import JudgeCache
         from rrhf.judging.client import ChatClient
-        from rrhf.judging.server import local_server
+        from rrhf.judging.server import cache_client, local_server
 
         settings: dict[str, Any] = {
             "cache": JudgeCache(cfg.get("cache") or cache_root() / "judge_cache"),
@@ -327,11 +327,7 @@ class LLMJudgeScorer(Scorer):
             server = stack.enter_context(local_server(cfg.model, threads=cfg.get("threads"), device=cfg.device))
             return stack.enter_context(server.client(**settings))
 
-        # Keyed by the model's identity, as the server's client is: answers a local server gave are found without it.
-        probe = ChatClient(
-            "http://127.0.0.1:9/v1", cfg.model, model_id=model_identity(cfg.model), api_key_env=None, **settings
-        )
-        return cls(probe, serve=serve, **options)
+        return cls(cache_client(cfg.model, **settings), serve=serve, **options)
 
     def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         return [json.dumps([p, r], ensure_ascii=False) for p, r in zip(prompts, responses)]
@@ -431,19 +427,11 @@ def records_in_shards(
 
 
 def score_in_shards(
-    scorer: Scorer,
-    prompts: Sequence[str],
-    responses: Sequence[str],
-    work: Path,
-    name: str,
-    *,
-    desc: str = "scoring",
-    crash_stage: str | None = None,
+    scorer: Scorer, prompts: Sequence[str], responses: Sequence[str], *args: Any, **kwargs: Any
 ) -> list[float]:
-    """`scorer.score`, the batches divided among the ranks of a launch (`records_in_shards`); NaN for an item the
-    scorer recorded as failed."""
-    records = records_in_shards(scorer, prompts, responses, work, name, desc=desc, crash_stage=crash_stage)
-    return [record_score(r) for r in records]
+    """`scorer.score`, the batches divided among the ranks of a launch: `records_in_shards` (same arguments) read
+    as scores; NaN for an item the scorer recorded as failed."""
+    return [record_score(r) for r in records_in_shards(scorer, prompts, responses, *args, **kwargs)]
 
 
 def score_groups(

@@ -228,13 +228,22 @@ JUDGE_DEFAULTS: dict[str, Any] = {
 }
 
 
+def cache_client(model: str, **client_settings: Any) -> ChatClient:
+    """A client for the local `model` that reaches no server and answers from its cache alone. Cache keys name the
+    model by its identity, not by where it is served, so it finds the answers a local server gave; a caller starts
+    a server only for what it cannot answer (its requests then fail: nothing listens at port 9)."""
+    from rrhf.assets import model_identity
+
+    return ChatClient(
+        "http://127.0.0.1:9/v1", model, model_id=model_identity(model), api_key_env=None, **client_settings
+    )
+
+
 @contextlib.contextmanager
 def judge_client(settings: dict[str, Any], asked: list[ChatRequest], **client_settings: Any) -> Iterator[ChatClient]:
     """A ChatClient for a judge's settings (`JUDGE_DEFAULTS`' keys): the endpoint at `base_url`, or, without one, a
     local server of `model` started for the block, but only when the cache cannot answer every request in
     `asked` (the requests the caller is about to send). `client_settings` go to the client (cache, max_tokens)."""
-    from rrhf.assets import model_identity
-
     with contextlib.ExitStack() as stack:
         if settings["base_url"]:
             yield stack.enter_context(
@@ -243,15 +252,7 @@ def judge_client(settings: dict[str, Any], asked: list[ChatRequest], **client_se
                 )
             )
             return
-        # Cache keys name the model by its identity, not by where it is served: a client that reaches nothing finds
-        # the answers a local server gave, and no server is started when nothing is left to ask.
-        probe = ChatClient(
-            "http://127.0.0.1:9/v1",
-            settings["model"],
-            model_id=model_identity(settings["model"]),
-            api_key_env=None,
-            **client_settings,
-        )
+        probe = cache_client(settings["model"], **client_settings)
         uncached = probe.uncached(asked)
         if not uncached:
             yield stack.enter_context(probe)
