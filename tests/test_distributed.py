@@ -248,3 +248,34 @@ def test_ranks_end_with_a_killed_launcher_and_a_rerun_resumes(one_and_two, tmp_p
     if any(partly):
         assert "resuming" in resumed.stdout + resumed.stderr
     assert _metrics(tmp_path / "results") == _metrics(two.parent / "results")
+
+
+# Rank 1 of two saves a model: transformers 5's save_pretrained alone writes nothing there, save_causal_lm does.
+_SAVE_ON_RANK_1 = """
+import sys
+from pathlib import Path
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+from rrhf.assets import save_causal_lm
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(Path(sys.argv[1]) / "plain")
+    save_causal_lm(model, None, Path(sys.argv[1]) / "ours")
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_model_saved_on_another_rank_than_0_is_whole(tmp_path: Path) -> None:
+    """A stage one process builds under its lock (PPO) may be built by rank 1 of a launch."""
+    script = tmp_path / "save_on_rank_1.py"
+    script.write_text(_SAVE_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert not (tmp_path / "plain" / "config.json").exists(), "transformers now saves on every rank"
+    assert {"config.json", "model.safetensors"} <= {p.name for p in (tmp_path / "ours").iterdir()}

@@ -139,6 +139,25 @@ def _wheel_folder(package: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+def save_causal_lm(model, tokenizer, out: Path) -> None:
+    """`save_pretrained` of a model (and its tokenizer, unless None) from whichever process runs it.
+
+    Once torch.distributed is initialised, transformers 5 writes a model's files on rank 0 only
+    (`should_save_on_this_rank`), which suits a collective training's save; but a stage that one process builds
+    under its lock (`rrhf.artifacts.run_stage`: PPO, an asset's conversion) may be built by any rank, and on
+    another rank `save_pretrained` would leave the folder without config.json or weights, to be found "finished".
+    """
+    model.should_save_on_this_rank = lambda is_main_process: is_main_process  # this instance, this save only
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        del model.should_save_on_this_rank
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if not (Path(out) / "config.json").exists():
+        raise RuntimeError(f"{out}: save_pretrained wrote no config.json")
+
+
 def _save_gguf_as_hf(folder: Path, gguf_file: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,8 +168,7 @@ def _save_gguf_as_hf(folder: Path, gguf_file: str, out: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_causal_lm(model, tokenizer, out)
 
 
 def _convert_smollm2(out: Path) -> None:
@@ -211,7 +229,7 @@ def build_tiny_model(out: Path) -> None:
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    save_causal_lm(LlamaForCausalLM(config), None, out)
 
 
 def add_pad_token(model, tokenizer) -> bool:

@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from rrhf import tracking
-from rrhf.assets import load_causal_lm
+from rrhf.assets import load_causal_lm, save_causal_lm
 from rrhf.data import strict_json
 from rrhf.generation import check_context, left_truncated_batch, pad_id, sample, trlx_stop_cut
 from rrhf.placement import Placement
@@ -732,8 +732,7 @@ def train_ppo(
 
     model_dir, work = output_dir / "model", output_dir / "model.tmp"
     shutil.rmtree(work, ignore_errors=True)
-    policy.save_pretrained(work, safe_serialization=True)
-    tokenizer.save_pretrained(work)
+    save_causal_lm(policy, tokenizer, work)
     (output_dir / "ppo_config.json").write_text(strict_json(asdict(config), "ppo_config.json", indent=1))
     shutil.rmtree(model_dir, ignore_errors=True)
     work.rename(model_dir)
