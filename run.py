@@ -22,6 +22,10 @@ class MissingHubItems(CompactHydraException):
     """Hydra prints this exception's message alone, without a traceback (that is in the run's FAILED file)."""
 
 
+class DoesNotFitRefused(CompactHydraException):
+    """A stage's planned memory exceeds the device's (rrhf.memory); Hydra prints the message alone."""
+
+
 class RunFolderRefused(CompactHydraException):
     """The run folder holds a finished run this launch must not overwrite; Hydra prints the message alone."""
 
@@ -30,6 +34,7 @@ class RunFolderRefused(CompactHydraException):
 def main(cfg: DictConfig) -> None:
     from rrhf.hub import HubItemsMissing
     from rrhf.launch import end_with_launcher, export_torch_env_from_slurm, rank
+    from rrhf.memory import DoesNotFit
 
     end_with_launcher()  # before the slow imports: a rank must not outlive a torchrun killed outright
     from rrhf.pipeline import RunFolderTaken, check_run_folder, run
@@ -55,6 +60,9 @@ def main(cfg: DictConfig) -> None:
         if isinstance(error, HubItemsMissing):  # one line on the terminal, each job of a sweep its own
             print(f"rrhf: {run_dir}: {error}", file=sys.stderr, flush=True)
             raise MissingHubItems(str(error)) from None
+        if isinstance(error, DoesNotFit):  # the estimate and the fixes, without a traceback
+            print(f"rrhf: {run_dir}: {error}", file=sys.stderr, flush=True)
+            raise DoesNotFitRefused(str(error)) from None
         raise
     failed.unlink(missing_ok=True)
     started.unlink(missing_ok=True)

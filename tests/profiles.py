@@ -11,7 +11,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def trainer_profile(name: str) -> dict:
-    """The composed `trainer` group of profile `name`: {"name": ..., "args": {...}}."""
+    """The composed `trainer` group of profile `name`: {"name": ..., "args": {...}, "peft": ..., "lora": {...}}."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"trainer={name}"])
     return OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -320,6 +320,49 @@ def test_score_stage_leaves_failed_judgements_out_and_keeps_them_in_aspects_json
     assert (again / "aspects.jsonl").read_text() == (folder / "aspects.jsonl").read_text()
 
 
+@pytest.mark.slow
+def test_a_killed_score_stage_resumes_without_asking_again(rating_stub, tmp_path: Path) -> None:
+    """run.py killed (SIGKILL) in the score stage after its first shard of judgements, then rerun: every candidate is
+    asked exactly once over the two runs, and the rerun finishes the stage."""
+    import os
+    import subprocess
+    import sys
+
+    seen, url = rating_stub(_by_length)
+    root = Path(__file__).resolve().parents[1]
+    cmd = [
+        sys.executable,
+        "run.py",
+        "experiment=smoke",
+        "reward=llm_judge",
+        f"reward.base_url={url}",
+        "reward.api_key_env=null",
+        "reward.batch_size=16",
+        f"reward.cache={tmp_path / 'judge_cache'}",
+        "eval.rm_accuracy=false",
+        f"paths.artifacts={tmp_path}/artifacts",
+        f"paths.results={tmp_path}/results",
+        f"paths.tables={tmp_path}/tables",
+    ]
+    env = {**os.environ, "RRHF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    killed = subprocess.run(cmd, cwd=root, env=env | {"RRHF_CRASH_AT": "score"}, capture_output=True, timeout=600)
+    assert killed.returncode != 0
+    (partial,) = (tmp_path / "artifacts" / "score").glob("*.partial")
+    asked_before = len(seen)
+    assert 0 < asked_before
+    env.pop("RRHF_CRASH_AT", None)
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (scored,) = (tmp_path / "artifacts" / "score").glob("*/DONE")
+    candidates = sum(len(json.loads(line)["responses"]) for line in (scored.parent / "train.jsonl").open())
+    asked = [json.dumps(body["messages"], sort_keys=True) for _, body in seen]
+    rated = [body for _, body in seen if "strict grader" in body["messages"][0]["content"]]
+    assert len(rated) == len(asked) and len(set(asked)) == len(asked), "a judgement was asked twice"
+    assert asked_before < len(asked) and candidates == 48  # 8 prompts x (4 beams + chosen + rejected)
+    # The evaluation's own ratings (test prompts' greedy answers) come after the training candidates'.
+    assert len(asked) >= candidates
+
+
 # ---- (b) the real local server ------------------------------------------------------------------------------
 
 

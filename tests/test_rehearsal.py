@@ -134,3 +134,55 @@ def test_every_paper_experiment_runs_end_to_end_against_the_stand_ins(stand_in_h
     assert set(_filled(tmp_path, 6, "Mean")) == {
         f"{model}-{s}" for model in ("llama", "alpaca", "alpaca_sft") for s in ("DP", "BP", "P")
     } | {"alpaca-D", "alpaca-IP-1", "alpaca-IP-2", "alpaca-IP-3", "alpaca-OP-32", "alpaca-OP-32+KL"}
+
+
+def _stub_reply(body: dict) -> tuple[int, dict, dict]:
+    """The ChatGPT and GPT-4 roles of experiment=wombat: a rating for the aspect grader (it varies with the rated
+    answer), two scores for the pairwise judge, an answer to anything else (a prompt or a question)."""
+    from fixtures.endpoint import completion
+
+    system = body["messages"][0]["content"] if body["messages"][0]["role"] == "system" else ""
+    last = body["messages"][-1]["content"]
+    if system.startswith("You are a strict grader"):
+        r = 1 + len(last) % 10
+        return 200, {}, completion(f"relevance: {r}\ncorrectness: 7\ncoherence: 8\nsafety: 10")
+    if "Assistant 1" in last:
+        return 200, {}, completion(f"{1 + len(last) % 10} 7\nThe first answer is shorter.")
+    return 200, {}, completion(f"A hosted model's answer ({len(last)} characters asked).")
+
+
+@pytest.mark.rehearsal
+def test_wombat_runs_against_the_stand_ins_and_a_stub_endpoint(stand_in_hub, stub, tmp_path: Path) -> None:
+    """experiment=wombat: Alpaca on Alpaca's prompts (the stand-in tatsu-lab/alpaca), five candidates from four
+    sources (the stub endpoint in ChatGPT's place, the data set's output, LLaMA and Alpaca sampled), the stub as
+    the reward and the judge; on two ranks; the collated wombat table names every other system."""
+    _, endpoint = stand_in_hub
+    state, url = stub(_stub_reply)
+    questions = tmp_path / "question.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": f"Question {i}?"}) + "\n" for i in range(3)))
+    hosted = f"{{name: chatgpt, base_url: '{url}', model: gpt-3.5-turbo, api_key_env: null}}"
+    command = [
+        "experiment=wombat",
+        f"eval.pairwise.questions={questions}",
+        f"sampling.sources.chatgpt.base_url={url}",
+        "sampling.sources.chatgpt.api_key_env=null",
+        f"reward.base_url={url}",
+        "reward.api_key_env=null",
+        f"eval.pairwise.judge.base_url={url}",
+        "eval.pairwise.judge.api_key_env=null",
+        f"eval.pairwise.versus=[initial,{hosted}]",
+    ]
+    fetched = fetch(tmp_path, endpoint, *command)
+    lock = yaml.safe_load((tmp_path / "hub.lock.yaml").read_text())
+    assert {"chavinlo/alpaca-native", "huggyllama/llama-7b"} <= set(lock["models"]), fetched.stdout
+    assert "tatsu-lab/alpaca" in lock["datasets"]
+    run(tmp_path, *command, *SCALE, *RANKS)
+    (metrics_file,) = (tmp_path / "results").rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    train = [json.loads(line) for line in Path(metrics["candidates"]).read_text().splitlines()]
+    assert len(train) == 4 and all(r["sources"] == ["chatgpt", "chatgpt", "davinci", "llama", "alpaca"] for r in train)
+    assert set(metrics["samples"]["sources"]) == {"chatgpt", "davinci", "llama", "alpaca"}
+    assert set(metrics["pairwise"]) >= {"initial", "chatgpt"} and metrics["pairwise"]["initial"]["scored"] == 3
+    table = (tmp_path / "tables" / "wombat.csv").read_text()
+    assert "initial" in table and "chatgpt" in table and "Alpaca (ChatGPT)" not in table
+    assert any(body["model"] == "gpt-4" for _, body in state.seen)

@@ -165,7 +165,8 @@ def test_layouts_give_the_same_loss_and_gradients(assets, tmp_path, semantics):
 @pytest.mark.parametrize("name", ["cpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_profiles_are_valid_arguments(name, tmp_path):
     profile = trainer_profile(name)
-    assert profile["name"] == name and set(profile) == {"name", "args"}
+    assert profile["name"] == name and set(profile) == {"name", "args", "peft", "lora"}
+    assert profile["peft"] == "none"  # every weight trains unless trainer.peft says otherwise (tests/test_peft.py)
     args = dict(profile["args"])
     if name != "cpu":  # GPU profiles: bf16 / tf32 cannot be checked on a CPU-only machine
         assert args.pop("bf16") is True and args.pop("tf32") is True

@@ -77,7 +77,10 @@ def model_identity(path: str) -> str:
         raise FileNotFoundError(f"model path {path!r}: no such folder, and not a Hugging Face Hub id")
     artifact = folder.parent
     if (artifact / "DONE").exists() and (artifact / "inputs.json").exists():
-        return f"{artifact.parent.name}:{artifact.name}"
+        # A train stage's adapter/ beside its merged model/ is the same policy, loaded another way.
+        return f"{artifact.parent.name}:{artifact.name}" + ("/adapter" if folder.name == "adapter" else "")
+    if is_adapter_folder(folder):  # the adapter's files and, by its own identity, the base it goes on
+        return f"adapter:{fingerprint(folder)}+{model_identity(adapter_base(folder))}"
     return f"folder:{fingerprint(folder)}"
 
 
@@ -242,11 +245,16 @@ def add_pad_token(model, tokenizer) -> bool:
     if tokenizer.pad_token is not None:
         return False
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    _add_mean_row(model, len(tokenizer))
+    return True
+
+
+def _add_mean_row(model, vocab_size: int) -> None:
+    """The embedding rows add_pad_token gives a model for its [PAD] token."""
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
     with torch.no_grad():
         for embedding in (model.get_input_embeddings(), model.get_output_embeddings()):
             embedding.weight[-1] = embedding.weight[:-1].mean(dim=0)
-    return True
 
 
 def default_data_dir() -> Path:
@@ -267,6 +275,7 @@ def load_causal_lm(
     The model comes in the placement's precision, on its device (the CPU in fp32 without one); with a
     `device_map` (e.g. "auto", for a model larger than one device) accelerate spreads it instead. A
     tokenizer without a pad token pads with EOS, or with `authors_pad` gains the authors' [PAD] token.
+    A folder that holds only a LoRA adapter (`is_adapter_folder`) loads as its base with the adapter merged.
     """
     from transformers import AutoModelForCausalLM
 
@@ -275,10 +284,19 @@ def load_causal_lm(
     if resolved.startswith(("/", ".", "~")) and not Path(resolved).expanduser().is_dir():
         raise FileNotFoundError(f"model path {path!r}: no such folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved, dtype=placement.dtype, device_map=device_map, trust_remote_code=trust_remote_code
-        )
-        tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code, name=path)
+        if is_adapter_folder(resolved):
+            if device_map is not None:
+                raise ValueError(
+                    f"model path {path!r} holds a LoRA adapter, merged into its base on load; device_map="
+                    f"{device_map!r} needs a whole model folder (the train stage's model/ beside its adapter/)"
+                )
+            model, tokenizer = load_merged_adapter(resolved, trust_remote_code=trust_remote_code)
+            model.to(placement.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved, dtype=placement.dtype, device_map=device_map, trust_remote_code=trust_remote_code
+            )
+            tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code, name=path)
     except ValueError as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise ValueError(
@@ -293,6 +311,41 @@ def load_causal_lm(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A PEFT adapter folder (adapter_config.json) that is not also a whole model (no config.json)."""
+    folder = Path(path).expanduser()
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def adapter_base(folder: str | Path) -> str:
+    """The model path (folder, Hub id or embedded:*) an adapter folder was trained on: its adapter_config's
+    base_model_name_or_path."""
+    config = Path(folder).expanduser() / "adapter_config.json"
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config}: names no base_model_name_or_path, the model the adapter goes on")
+    return str(base)
+
+
+def load_merged_adapter(folder: str | Path, *, trust_remote_code: bool = False):
+    """The base of an adapter folder in fp32 with the adapter merged into its weights (a plain causal LM, no
+    adapter layers left), and the tokenizer the adapter was saved with (else its base's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder).expanduser()
+    base = adapter_base(folder)
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(base), dtype=torch.float32, trust_remote_code=trust_remote_code
+    )
+    has_tokenizer = any((folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = load_tokenizer(str(folder) if has_tokenizer else base, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token == "[PAD]" and len(tokenizer) == model.get_input_embeddings().num_embeddings + 1:
+        # Trained with the authors' [PAD] (add_pad_token): the base gains the same row before the adapter loads.
+        _add_mean_row(model, len(tokenizer))
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload(), tokenizer
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool = False, name: str | None = None):

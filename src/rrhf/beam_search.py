@@ -187,7 +187,9 @@ def diverse_beam_search(
     ]
     done = [[False] * num_beam_groups for _ in range(batch)]
 
-    forward_params = inspect.signature(model.forward).parameters
+    # A PeftModel's forward passes **kwargs on to its base model's: the base's signature says what it takes.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    forward_params = inspect.signature(base.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params else {}
     cache = DynamicCache(config=model.config)
     step_ids = sequences

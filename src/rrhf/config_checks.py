@@ -11,7 +11,7 @@ What is checked: types and ranges of every key the stages read; that `trainer.ar
 classes they become; the files and folders a config names (local model, judge and data folders, a training
 file, a DeepSpeed file); and what this machine and launch
 cannot run (a CUDA device without one; FSDP or DeepSpeed training in a plain process without a distributed
-launch, which fails inside the Trainer; DeepSpeed without its package).
+launch, which fails inside the Trainer; DeepSpeed without its package; QLoRA adapters without bitsandbytes).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rrhf import PROJECT_ROOT, ConfigError
+from rrhf.adapters import ALL_LINEAR, AdapterSettings, bitsandbytes_missing
+from rrhf.adapters import METHODS as ADAPTER_METHODS
 from rrhf.data import IMDB_RULES, TRAIN_ON
 from rrhf.generation import PROMPT_BOS
 from rrhf.logprobs import LAYOUTS
@@ -44,7 +46,7 @@ from rrhf.placement import DTYPES
 METHODS = ("rrhf", "sft", *PAIRWISE, "ppo", "best_of_n", "none")
 # Methods whose training runs trainer.args (PPO has its own loop).
 TRAINED_BY_THE_TRAINER = ("rrhf", "sft", *PAIRWISE)
-GENERATORS = ("diverse_beam", "beam", "top_p", "top_k", "none", "file")
+GENERATORS = ("diverse_beam", "beam", "top_p", "top_k", "none", "file", "sources")
 REWARDS = ("vader", "gptj_rm_static", "sequence_classifier", "llm_judge")
 # What a distributed launch (torchrun, a SLURM task made a torch rank) sets and FSDP / DeepSpeed need.
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -156,12 +158,12 @@ RULES: dict[str, Rule] = {
     "paths.results": text(),
     "paths.tables": text(),
     "task.name": text(),
-    "task.family": choice("hh", "imdb", "offline"),
+    "task.family": choice("hh", "imdb", "offline", "alpaca"),
     "task.source": text(),
     "task.train_size": integer(1, null="every row"),
     "task.test_size": integer(1, null="every row"),
     "task.max_new_tokens": POSITIVE,
-    "task.format": choice("imdb_prefix", null=True),
+    "task.format": choice("imdb_prefix", "alpaca", null=True),
     "task.prefix.rule": choice(*IMDB_RULES),
     "task.prefix.prompt_fraction": number(0.0, 1.0, low_open=True, high_open=True),
     "task.prefix.train_fraction": number(0.0, 1.0, low_open=True),
@@ -225,6 +227,7 @@ RULES: dict[str, Rule] = {
     "reward.retries": COUNT,
     "reward.reasks": COUNT,
     "reward.weights": aspect_weights(),
+    "reward.template": choice("wombat_aspects", "wombat_aspects_shown"),
     "reward.threads": integer(1, null="torch's default"),
     "reward.device": text(),
     "reward.cache": text(null=True),
@@ -252,6 +255,14 @@ RULES: dict[str, Rule] = {
     "eval.pairwise.judge.max_tokens": integer(1, null="the endpoint's default"),
     "eval.pairwise.judge.threads": integer(1, null="torch's default"),
     "trainer.name": text(),
+    "trainer.peft": choice(*ADAPTER_METHODS),
+    "trainer.lora.r": integer(1),
+    "trainer.lora.alpha": number(0.0, low_open=True),
+    "trainer.lora.dropout": number(0.0, 1.0, high_open=True),
+    "trainer.lora.target_modules": Rule(
+        f"a non-empty list of module names, or {ALL_LINEAR!r}",
+        lambda v: v == ALL_LINEAR or (isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)),
+    ),
 }
 # Keys every run reads (the others belong to some options only).
 REQUIRED = (
@@ -376,6 +387,8 @@ def check_config(
     method = plain["method"]["name"]
     if method in TRAINED_BY_THE_TRAINER:
         _check_trainer(plain)
+    if method in (*TRAINED_BY_THE_TRAINER, "ppo"):
+        _check_adapters(plain)
     if method == "rrhf":
         _check_ranking(plain)
     if method == "ppo" and ppo is not None:
@@ -447,6 +460,23 @@ def _check_sampling(plain: dict[str, Any]) -> None:
                 "training file in the authors' format"
             )
         return
+    if generator == "sources":  # each policy source is checked as a sampling setting of its own
+        from rrhf.sources import check_sources
+
+        try:
+            check_sources(s.get("sources"))
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        if s.get("refresh_steps"):
+            raise ConfigError(
+                f"sampling.refresh_steps={s['refresh_steps']}: online refreshes re-sample one policy; "
+                "sampling=sources draws from several, once"
+            )
+        for spec in s["sources"].values():
+            if spec is not None and spec["kind"] == "policy":
+                own = {k: v for k, v in spec.items() if k not in ("kind", "model")}
+                _check_sampling({"sampling": {k: v for k, v in s.items() if k != "sources"} | own})
+        return
     beams, groups, n = s.get("num_beams"), s.get("num_beam_groups"), s.get("num_candidates")
     if generator == "diverse_beam":
         if beams < 2 or beams % groups:
@@ -479,6 +509,14 @@ def candidate_counts(sampling: dict[str, Any]) -> tuple[int, int] | None:
     generator, train_on = sampling["generator"], sampling.get("train_on", "all")
     if generator == "file":
         return None
+    if generator == "sources":  # a file source's groups are in its file
+        sources = [spec for spec in (sampling.get("sources") or {}).values() if spec is not None]
+        if any(spec.get("kind") == "file" for spec in sources):
+            return None
+        sizes = {"policy": lambda spec: int(spec.get("num_candidates") or sampling.get("num_candidates") or 0)}
+        sizes |= {"endpoint": lambda spec: int(spec.get("n", 1)), "dataset": lambda spec: 0}
+        generated = sum(sizes[spec["kind"]](spec) for spec in sources if spec.get("kind") in sizes)
+        return generated, sum(spec.get("kind") == "dataset" for spec in sources)
     generated = 0 if generator == "none" or train_on == "provided" else int(sampling.get("num_candidates") or 0)
     provided = 0 if train_on == "sampled" else len(sampling.get("dataset_responses") or [])
     return generated, provided
@@ -550,6 +588,31 @@ def _check_trainer(plain: dict[str, Any]) -> None:
     merged = args | method_args  # a method's own settings win over the profile's
     if merged.get("bf16") and merged.get("fp16"):
         raise ConfigError("trainer.args.bf16=true and trainer.args.fp16=true: at most one mixed precision")
+
+
+def _check_adapters(plain: dict[str, Any]) -> None:
+    """trainer.lora holds LoRA's settings only; QLoRA needs bitsandbytes, and one process per device with the
+    whole 4-bit model on it (FSDP and DeepSpeed shard or re-cast the weights that bitsandbytes packs)."""
+    trainer = plain["trainer"]
+    lora = trainer.get("lora")
+    if lora is not None and not isinstance(lora, dict):
+        raise ConfigError(f"trainer.lora={lora!r}: expected a mapping of LoRA settings")
+    try:
+        AdapterSettings.from_config({"peft": "lora", "lora": lora})  # unknown keys, whatever the method
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if trainer.get("peft") != "qlora":
+        return
+    merged = (trainer.get("args") or {}) | (plain["method"].get("train_args") or {})
+    for key in ("fsdp", "deepspeed"):
+        if merged.get(key) and plain["method"]["name"] != "ppo":
+            raise ConfigError(
+                f"trainer.peft=qlora with trainer.args.{key}={merged[key]!r} (trainer={trainer.get('name')}): not "
+                "supported; QLoRA trains with the whole 4-bit model on each device: trainer=cpu or trainer=ddp"
+            )
+    missing = bitsandbytes_missing()
+    if missing:
+        raise ConfigError(missing)
 
 
 def check_launch(cfg: DictConfig | Mapping[str, Any]) -> None:

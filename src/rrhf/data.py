@@ -168,6 +168,47 @@ def _check_row(row: Any, where: str) -> None:
         raise ValueError(f"{where}: empty prompt")
 
 
+# Stanford Alpaca's two prompts (tatsu-lab/stanford_alpaca, train.py's PROMPT_DICT): how Alpaca was trained and
+# asked, and so how Wombat, trained from it on Alpaca's prompts, was.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}"
+    "\n\n### Response:"
+)
+
+
+def alpaca_rows(source: str, split: str, *, limit: int | None = None, test_size: int = 0) -> list[dict[str, Any]]:
+    """Alpaca's instructions (tatsu-lab/alpaca: instruction, input, output; one `train` split) as prompts in Alpaca's
+    template, the data set's `output` (written by text-davinci-003) as `chosen`. The data set has no test split: the
+    last `test_size` rows are held out as "test" and "train" is the rows before them (the first `limit`)."""
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir():
+        raw, where = read_jsonl(folder / "train.jsonl"), str(folder / "train.jsonl")
+    else:
+        raw, where = hub_rows(str(source), "train"), f"{source}[train]"
+    if not 0 <= test_size < len(raw):
+        raise ValueError(
+            f"task.test_size={test_size}: {where} has {len(raw)} rows; at least one must stay for training"
+        )
+    rows = raw[len(raw) - test_size :] if split == "test" else raw[: len(raw) - test_size]
+    out = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("instruction", "output")):
+            raise ValueError(f"{where} row {i}: expected string fields 'instruction' and 'output'")
+        if not row["instruction"].strip():
+            raise ValueError(f"{where} row {i}: empty instruction")
+        given = row.get("input") or ""
+        template = ALPACA_PROMPT_WITH_INPUT if given.strip() else ALPACA_PROMPT
+        out.append({"prompt": template.format(instruction=row["instruction"], input=given), "chosen": row["output"]})
+    if not out:
+        raise ValueError(f"{where}: no rows for split {split!r}")
+    return out if limit is None else out[:limit]
+
+
 IMDB_RULES = ("rl4lms", "tokens")
 
 
@@ -297,8 +338,9 @@ def read_training_file(path: str | Path, *, allow_empty_responses: bool = True) 
 
 
 def write_training_file(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write {query, responses, scores} rows, and pad_responses where a row has some, as a training file."""
-    keys = ("query", "responses", "scores", "pad_responses")
+    """Write {query, responses, scores} rows, and pad_responses where a row has some, as a training file; `sources`
+    (sampling=sources: which source wrote each response) travels along where a row has it."""
+    keys = ("query", "responses", "scores", "pad_responses", "sources")
     write_jsonl(path, ({k: row[k] for k in keys if k in row and (k != "pad_responses" or row[k])} for row in rows))
 
 
@@ -327,6 +369,7 @@ def without_failed(
                 **example,
                 "responses": [example["responses"][j] for j in good],
                 "scores": [example["scores"][j] for j in good],
+                **({"sources": [example["sources"][j] for j in good]} if "sources" in example else {}),
             }
         )
     return kept, out

@@ -345,6 +345,12 @@ def manifest(cfg: Any) -> list[Item]:
     elif reward.get("path"):
         add(reward.path, "model", _revision(reward, "revision"), (CONFIG, WEIGHTS, TOKENIZER), "reward.path")
     add(task.get("source"), "dataset", _revision(task, "revision"), (DATA,), "task.source")
+    sampling = cfg.get("sampling") or {}
+    for name, spec in (sampling.get("sources") or {}).items() if sampling.get("generator") == "sources" else ():
+        if spec is None:  # sampling=sources: a local policy, or a model served here for an endpoint source
+            continue
+        if spec.get("kind") == "policy" or (spec.get("kind") == "endpoint" and not spec.get("base_url")):
+            add(spec.get("model"), "model", None, (CONFIG, WEIGHTS, TOKENIZER), f"sampling.sources.{name}.model")
     prefix = task.get("prefix") or {}
     if prefix.get("rule") == "tokens":
         add(prefix.get("tokenizer"), "model", None, (TOKENIZER,), "task.prefix.tokenizer")

@@ -25,14 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rrhf import placement
 from rrhf.artifacts import run_stage, write_json_atomic
-from rrhf.data import read_jsonl, write_jsonl
+from rrhf.data import ALPACA_PROMPT, read_jsonl, write_jsonl
 
 PROMPT_FORMATS = ("auto", "chat_template", "hh", "alpaca")
-# Stanford Alpaca's prompt without an input field: how Alpaca, and Wombat trained from it, were asked.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{question}\n\n### Response:"
-)
 HH_PROMPT = "\n\nHuman: {question}\n\nAssistant:"  # Anthropic HH's raw turns, as the HH policies were trained
 
 
@@ -74,7 +69,9 @@ def question_prompt(tokenizer, question: str, prompt_format: str) -> str:
     if prompt_format == "chat_template" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None)):
         messages = [{"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (ALPACA_PROMPT if prompt_format == "alpaca" else HH_PROMPT).format(question=question)
+    if prompt_format == "alpaca":
+        return ALPACA_PROMPT.format(instruction=question)
+    return HH_PROMPT.format(question=question)
 
 
 def _questions_key(p: DictConfig) -> dict[str, Any]:

@@ -7,7 +7,7 @@ what comes next, not the whole data set), and every candidate of those groups is
 optimiser steps of the configured global batch (per-device batch x accumulation x ranks). With a KL
 coefficient beta the score becomes R(x, y) - beta * log(pi(y|x) / rho(y|x)) (paper-notes section 4), where
 log pi and log rho are the response's summed token log-probs under the current policy and the frozen
-initial model.
+initial model (a policy with LoRA adapters: itself with the adapters disabled).
 
 Which prompts a step trains on is fixed in advance by `Schedule` (a seeded permutation per epoch, dealt to
 the ranks as accelerate deals batches), so under torchrun every rank re-draws and re-scores the prompts it
@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rrhf import tracking
+from rrhf.adapters import has_adapters, initial_policy
 from rrhf.collator import RRHFCollator
 from rrhf.data import read_jsonl, with_dataset_responses, write_jsonl
 from rrhf.generation import eval_mode, generate_batch
@@ -136,8 +137,11 @@ class OnlineSettings:
         log_dir: Path,
         schedule: Schedule,
     ) -> OnlineCandidates:
-        # rho is the model as loaded, before any training step (a resumed run loads checkpoint weights later).
-        reference = copy.deepcopy(model).eval().requires_grad_(False) if self.kl_coef else None
+        # rho is the model as loaded, before any training step (a resumed run loads checkpoint weights later);
+        # an adapted policy is its own rho with its adapters disabled, no copy.
+        reference = None
+        if self.kl_coef:
+            reference = model if has_adapters(model) else copy.deepcopy(model).eval().requires_grad_(False)
         return OnlineCandidates(
             records,
             self.rows,
@@ -238,7 +242,8 @@ class OnlineCandidates:
     def _log_ratios(self, model: torch.nn.Module, prompts: list[str], groups: list[list[str]]) -> list[list[float]]:
         """log pi(y|x) - log rho(y|x) of every candidate, summed over its tokens as trained."""
         out = []
-        self.reference.to(next(model.parameters()).device)
+        if self.reference is not model:
+            self.reference.to(next(model.parameters()).device)
         with eval_mode(model), torch.no_grad():
             for start in range(0, len(prompts), _LOG_RATIO_BATCH):
                 batch = self.collator(
@@ -250,7 +255,8 @@ class OnlineCandidates:
                     ]
                 )
                 pi, _ = group_logprob_sums(model, batch["groups"])
-                rho, _ = group_logprob_sums(self.reference, batch["groups"])
+                with initial_policy(self.reference):
+                    rho, _ = group_logprob_sums(self.reference, batch["groups"])
                 for row, (_, responses) in zip((pi - rho).tolist(), batch["groups"]):
                     out.append(row[: len(responses)])
         return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rrhf import hub, placement, tracking
 from rrhf.artifacts import run_stage, write_json_atomic
@@ -41,6 +41,8 @@ def _plain(node: Any) -> Any:
 def _task_key(cfg: DictConfig, split: str) -> dict:
     task = {k: v for k, v in _plain(cfg.task).items() if k not in ("max_new_tokens", "train_size", "test_size")}
     key = {**task, "split": split, "limit": cfg.task.train_size if split == "train" else cfg.task.test_size}
+    if task.get("format") == "alpaca":  # the held-out rows decide both splits (rrhf.data.alpaca_rows)
+        key["held_out"] = cfg.task.test_size
     local = Path(str(cfg.task.source)) / f"{split}.jsonl"
     if local.is_file():  # a local data file is keyed by its content, so an edit invalidates the cache
         key["sha256"] = hashlib.sha256(local.read_bytes()).hexdigest()
@@ -65,9 +67,10 @@ def _reward_key(cfg: DictConfig) -> dict:
     """The reward config, and the models it names by what they are (none for VADER)."""
     plain = _plain(cfg.reward)
     if plain.get("name") == "llm_judge":
-        from rrhf.judging.aspects import WOMBAT_ASPECTS
+        from rrhf.judging.aspects import template_named
 
-        key = {k: v for k, v in plain.items() if k not in _JUDGE_TRANSPORT} | {"template": WOMBAT_ASPECTS.name}
+        template = template_named(plain.get("template", "wombat_aspects")).name
+        key = {k: v for k, v in plain.items() if k not in _JUDGE_TRANSPORT} | {"template": template}
         # A served local model by what it is; a hosted one can only be named.
         return key | ({} if plain.get("base_url") else {"ids": {"model": _model_key(plain["model"])}})
     named = {k: plain[k] for k in ("checkpoint_repo", "backbone", "tokenizer", "path") if plain.get(k)}
@@ -75,11 +78,13 @@ def _reward_key(cfg: DictConfig) -> dict:
 
 
 def _prompts(cfg: DictConfig, split: str) -> list[dict]:
-    from rrhf.data import imdb_prefix_rows, load_split
+    from rrhf.data import alpaca_rows, imdb_prefix_rows, load_split
 
     key = _task_key(cfg, split)
     if key.get("format") == "imdb_prefix":
         return imdb_prefix_rows(key["source"], split, limit=key["limit"], **key.get("prefix", {}))
+    if key.get("format") == "alpaca":  # the test split is the data set's last rows, whatever the split asked
+        return alpaca_rows(key["source"], split, limit=key["limit"], test_size=int(cfg.task.test_size or 0))
     return load_split(key["source"], split, limit=key["limit"])
 
 
@@ -158,8 +163,8 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     """Generate the sampled candidates of the training prompts (None for settings that sample nothing)."""
     s = cfg.sampling
     # P trains on the data set's responses alone; it samples only to pad its group as the authors did.
-    if s.generator in ("none", "file") or (s.get("train_on") == "provided" and not s.get("pad_over_group")):
-        return None
+    if s.generator in ("none", "file", "sources") or (s.get("train_on") == "provided" and not s.get("pad_over_group")):
+        return None  # sampling=sources: each source has its own stage (source_stages)
     from rrhf.sampling import generation_settings
 
     where = placement.from_config(cfg, dtype=s.get("dtype"))
@@ -184,6 +189,78 @@ def sample_stage(cfg: DictConfig, model_path: str) -> Path | None:
     return folder
 
 
+def source_stages(cfg: DictConfig, model_path: str) -> list[tuple[str, dict, Path | None]]:
+    """sampling=sources (`rrhf.sources`): each named source's (name, spec, artifact), in the order the config lists
+    them; a data-set field has no artifact. Each artifact is keyed by its own source alone, so adding a source
+    reuses the others'."""
+    from rrhf.sources import check_sources, endpoint_settings, listed
+
+    check_sources(_plain(cfg.sampling.sources))
+    sources = listed(_plain(cfg.sampling.sources))
+    shared = {k: v for k, v in _plain(cfg.sampling).items() if k not in ("sources", "generator")}
+    out: list[tuple[str, dict, Path | None]] = []
+    for name, spec in sources.items():
+        kind = spec["kind"]
+        if kind == "dataset":
+            out.append((name, spec, None))
+            continue
+        if kind == "policy":  # the sample stage, with the source's own generation settings over the run's
+            own = {k: v for k, v in spec.items() if k not in ("kind", "model")}
+            sub = copy.copy(cfg)
+            with open_dict(sub):
+                sub.sampling = OmegaConf.create(
+                    shared | own | {"name": f"{cfg.sampling.name}:{name}", "train_on": "all"}
+                )
+            folder = sample_stage(sub, str(spec.get("model") or model_path))
+            out.append((name, spec, folder))
+            continue
+        inputs: dict[str, Any] = {"stage": "source", "kind": kind, "task": _task_key(cfg, "train")}
+        if kind == "endpoint":
+            settings = endpoint_settings(spec, int(cfg.sampling.max_new_tokens))
+            model = settings["model"] if settings["base_url"] else _model_key(settings["model"])
+            inputs["endpoint"] = {"base_url": settings["base_url"], "model": model} | {
+                k: settings[k] for k in ("n", "temperature", "max_tokens")
+            }
+        else:
+            path = Path(str(spec["path"])).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"sampling.sources.{name}.path={str(path)!r}: no such file")
+            inputs["file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+
+        def build(work: Path, kind: str = kind, name: str = name, spec: dict = spec) -> None:
+            from rrhf.sources import endpoint_candidates, file_candidates
+
+            prompts = [r["prompt"] for r in _prompts(cfg, "train")]
+            with measured(work):
+                if kind == "endpoint":
+                    endpoint_candidates(
+                        endpoint_settings(spec, int(cfg.sampling.max_new_tokens)), prompts, work, name=name
+                    )
+                else:
+                    file_candidates(Path(str(spec["path"])).expanduser(), prompts, work, name=name)
+
+        folder, _ = run_stage(Path(cfg.paths.artifacts), "source", inputs, build)
+        out.append((name, spec, folder))
+    return out
+
+
+def _source_groups(
+    sources: list[tuple[str, dict, Path | None]], rows: list[dict]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Each prompt's candidates from every source, in the sources' order, and which source wrote each."""
+    from rrhf.sampling import read_candidates
+
+    groups: list[list[str]] = [[] for _ in rows]
+    labels: list[list[str]] = [[] for _ in rows]
+    for name, spec, folder in sources:
+        written = read_candidates(folder / "candidates.jsonl") if folder else None
+        for i, row in enumerate(rows):
+            responses = written[i] if written is not None else [row[spec["field"]]]
+            groups[i] += responses
+            labels[i] += [name] * len(responses)
+    return groups, labels
+
+
 def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
     """The training file in the authors' format ({query, responses, scores} a line) and its statistics."""
     s = cfg.sampling
@@ -204,6 +281,12 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
     }
     if pad_over_group:
         inputs |= {"train_on": train_on, "pad_over_group": True}
+    sources = source_stages(cfg, model_path) if s.generator == "sources" else None
+    if sources is not None:
+        inputs |= {
+            "sampled": [f"{name}:{folder.name if folder else spec['field']}" for name, spec, folder in sources],
+            "dataset_responses": [],
+        }
 
     def build(work: Path) -> None:
         from rrhf.data import training_group, without_failed, write_jsonl, write_training_file
@@ -219,6 +302,10 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
             )
             for i, row in enumerate(rows)
         ]
+        labels = None
+        if sources is not None:
+            from_sources, labels = _source_groups(sources, rows)
+            groups = [(group, []) for group in from_sources]
         records: list[Any] = []
 
         def score(prompts: list[str], responses: list[str]) -> list[float]:
@@ -257,6 +344,8 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
             {"query": row["prompt"], "responses": group, "scores": sc, "pad_responses": rest}
             for row, (group, rest), sc in zip(rows, groups, scores)
         ]
+        if labels is not None:  # which source wrote each candidate, kept in the training file
+            examples = [e | {"sources": names} for e, names in zip(examples, labels)]
         kept, examples = without_failed(examples, failed)
         n_failed = sum(map(sum, failed))
         if n_failed:
@@ -282,6 +371,14 @@ def score_stage(cfg: DictConfig, model_path: str, sampled: Path | None) -> Path:
         ]
         if any(sampled_scores):
             stats["sampled"] = sample_statistics([g for g in sampled_scores if g])
+        if labels is not None:  # Table 6's statistics of each source's candidates
+            by_source: dict[str, list[list[float]]] = {name: [] for name, _, _ in sources}
+            for e in examples:
+                for name in by_source:
+                    own = [sc for sc, who in zip(e["scores"], e["sources"]) if who == name]
+                    if own:
+                        by_source[name].append(own)
+            stats["sources"] = {name: sample_statistics(g) for name, g in by_source.items() if g}
         if judged:
             stats["judge"] = {
                 "candidates": len(records),
@@ -341,8 +438,11 @@ def sft_data_stage(cfg: DictConfig) -> Path:
 
 def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool = False) -> Path:
     """Fine-tune the policy with the RRHF loss on the scored candidates (OP-k: re-sampled as it trains)."""
+    from rrhf.adapters import AdapterSettings
+
     trainer_args = _plain(cfg.trainer.args)
     method_args = _plain(cfg.method.train_args)
+    adapters = AdapterSettings.from_config(_plain(cfg.trainer))  # None: full training
     where = placement.from_config(cfg)
     if cfg.method.name in PAIRWISE:  # DPO, SimPO, CPO: the loss, and which pairs the groups give
         method_args |= {
@@ -360,6 +460,8 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
         "device": where.device.type,
         "world_size": world_size(),
     }  # ranks multiply the batch
+    if adapters is not None:  # only then: full training keeps the keys it had
+        inputs["peft"] = adapters.key()
     if online:
         reward_where = _reward_placement(cfg)
         inputs["online"] = {
@@ -409,6 +511,7 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
                 callbacks=[CrashAfterSave()],
                 online=settings,
                 trust_remote_code=cfg.model.trust_remote_code,
+                adapters=adapters,
             )
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "train", inputs, build, all_ranks=True, resume_state="checkpoints")
@@ -417,7 +520,10 @@ def train_stage(cfg: DictConfig, model_path: str, scored: Path, *, online: bool 
 
 def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
     """Fine-tune the policy with PPO (the trlX ppo_hh settings by default) on the training prompts."""
+    from rrhf.adapters import AdapterSettings
+
     settings = _plain(cfg.method.ppo)
+    adapters = AdapterSettings.from_config(_plain(cfg.trainer))  # None: the policy's own weights train
     where, reward_where = placement.from_config(cfg), _reward_placement(cfg)
     inputs = {
         "stage": "ppo",
@@ -429,6 +535,8 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
         "placement": where.key(),
         "reward_placement": reward_where.key(),
     }
+    if adapters is not None:
+        inputs["peft"] = adapters.key()
 
     def build(work: Path) -> None:
         from rrhf.ppo import PPOConfig, train_ppo
@@ -453,6 +561,7 @@ def ppo_stage(cfg: DictConfig, model_path: str) -> Path:
                 PPOConfig(**settings, seed=cfg.seed),
                 where=where,
                 trust_remote_code=cfg.model.trust_remote_code,
+                adapters=adapters,
             )
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "ppo", inputs, build, resume_state="checkpoint")
@@ -674,6 +783,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     _tune_process(cfg)
     hub.require(cfg)  # every Hub item in the local cache at its pinned commit, before any stage does work
     check_launch(plain)  # a profile this launch cannot run (FSDP in a plain process), once the files are there
+    from rrhf.memory import check_fits
+
+    check_fits(cfg)  # each stage's planned peak memory against the device's, before any stage loads a model
     tracking.start(cfg, run_dir)  # wandb, as well as the JSON files: rrhf.tracking
     started = time.time()
     model_path = initial_policy(cfg)

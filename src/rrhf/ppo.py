@@ -28,7 +28,8 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from rrhf import tracking
-from rrhf.assets import load_causal_lm, save_causal_lm
+from rrhf.adapters import AdapterSettings, initial_policy, load_adapted_policy, merge_adapter, save_adapter
+from rrhf.assets import load_causal_lm, load_tokenizer, resolve_model, save_causal_lm
 from rrhf.data import strict_json
 from rrhf.generation import check_context, left_truncated_batch, pad_id, sample, trlx_stop_cut
 from rrhf.placement import Placement
@@ -430,7 +431,8 @@ def _collect(
 
         with torch.no_grad(), autocast():
             logprobs, values, mask, row_logprobs = _forward(policy, rows, pad_id(tokenizer), head, whole_rows=adaptive)
-            ref_logprobs, _, _, ref_row_logprobs = _forward(reference, rows, pad_id(tokenizer), whole_rows=adaptive)
+            with initial_policy(reference):
+                ref_logprobs, _, _, ref_row_logprobs = _forward(reference, rows, pad_id(tokenizer), whole_rows=adaptive)
         if adaptive:
             chunk_kls.append(
                 controller_kl(
@@ -565,7 +567,8 @@ def _update(
 
 
 def _trainable_state(policy: nn.Module) -> dict[str, torch.Tensor]:
-    # Frozen weights equal the initial model's, so the checkpoint holds only what training changes.
+    # Frozen weights equal the initial model's, so the checkpoint holds only what training changes (with
+    # adapters: the adapters' weights, under the PeftModel's parameter names).
     return {name: p.detach().cpu() for name, p in policy.named_parameters() if p.requires_grad}
 
 
@@ -641,6 +644,7 @@ def train_ppo(
     *,
     where: Placement | None = None,
     trust_remote_code: bool = False,
+    adapters: AdapterSettings | None = None,
 ) -> Path:
     """Train `model_path` with PPO on `prompts`, rewarded by `scorer`; resumes from output_dir/checkpoint.
 
@@ -649,6 +653,11 @@ def train_ppo(
     under autocast. Returns
     output_dir / "model" (a plain Hugging Face causal-LM folder with the tokenizer: the policy without
     its value head, loadable by AutoModelForCausalLM).
+
+    With `adapters` (LoRA / QLoRA) the policy trains its adapters only, on all its layers (num_layers_unfrozen
+    does not apply, as in trlX, which freezes bottom layers only without a peft_config), the value head as a
+    module of its own; the KL reference is the policy with its adapters disabled. The adapter is kept in
+    output_dir / "adapter" and merged into the base in output_dir / "model".
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -661,13 +670,23 @@ def train_ppo(
     def autocast():
         return torch.autocast("cuda", dtype=where.dtype) if use_autocast else contextlib.nullcontext()
 
-    policy, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    freeze_bottom_layers(policy, config.num_layers_unfrozen)
+    if adapters is None:
+        policy, tokenizer = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        freeze_bottom_layers(policy, config.num_layers_unfrozen)
+    else:
+        tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # as load_causal_lm
+        policy = load_adapted_policy(
+            resolve_model(model_path), adapters, device=device, trust_remote_code=trust_remote_code, seed=config.seed
+        )
+        reference = policy  # run with its adapters disabled (initial_policy)
     torch.manual_seed(config.seed)  # the value head's initialisation
     head = value_head(policy.config.hidden_size)
-    for module in (policy, reference, head):
-        module.to(device)
+    for module in {id(m): m for m in (policy, reference, head)}.values():
+        if not getattr(module, "is_quantized", False):  # a 4-bit base is loaded where it runs
+            module.to(device)
     trainable = [p for p in policy.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(
         trainable,
@@ -732,7 +751,15 @@ def train_ppo(
 
     model_dir, work = output_dir / "model", output_dir / "model.tmp"
     shutil.rmtree(work, ignore_errors=True)
-    save_causal_lm(policy, tokenizer, work)
+    if adapters is None:
+        save_causal_lm(policy, tokenizer, work)
+    else:
+        adapter_dir, adapter_work = output_dir / "adapter", output_dir / "adapter.tmp"
+        shutil.rmtree(adapter_work, ignore_errors=True)
+        save_adapter(policy, tokenizer, adapter_work)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        adapter_work.rename(adapter_dir)
+        merge_adapter(adapter_dir, work, trust_remote_code=trust_remote_code)
     (output_dir / "ppo_config.json").write_text(strict_json(asdict(config), "ppo_config.json", indent=1))
     shutil.rmtree(model_dir, ignore_errors=True)
     work.rename(model_dir)

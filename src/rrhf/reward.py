@@ -283,11 +283,12 @@ class LLMJudgeScorer(Scorer):
         concurrency: int = 1,
         batch_size: int = 64,
         progress: bool = True,
+        template: str = "wombat_aspects",
     ) -> None:
-        from rrhf.judging.aspects import WOMBAT_ASPECTS, check_weights
+        from rrhf.judging.aspects import check_weights, template_named
 
         self.client, self._serve = client, serve
-        self.template = WOMBAT_ASPECTS
+        self.template = template_named(template)
         self.weights = check_weights(weights)
         self.reasks, self.concurrency, self.batch_size = reasks, max(1, concurrency), batch_size
         self.progress = progress
@@ -302,7 +303,7 @@ class LLMJudgeScorer(Scorer):
         """conf/reward/llm_judge.yaml: a hosted or served endpoint at `base_url`, or (null) the local model
         `model` served on 127.0.0.1 when first needed; answers cached in `cache` ($RRHF_CACHE/judge_cache)."""
         from rrhf.assets import cache_root
-        from rrhf.judging.aspects import WOMBAT_ASPECTS
+        from rrhf.judging.aspects import template_named
         from rrhf.judging.cache import JudgeCache
         from rrhf.judging.client import ChatClient
         from rrhf.judging.server import cache_client, local_server
@@ -310,13 +311,14 @@ class LLMJudgeScorer(Scorer):
         settings: dict[str, Any] = {
             "cache": JudgeCache(cfg.get("cache") or cache_root() / "judge_cache"),
             "temperature": float(cfg.temperature),
-            "max_tokens": cfg.get("max_tokens") or WOMBAT_ASPECTS.max_tokens,
+            "max_tokens": cfg.get("max_tokens") or template_named(cfg.get("template", "wombat_aspects")).max_tokens,
             "max_retries": int(cfg.retries),
         }
         weights = cfg.get("weights")
         options: dict[str, Any] = {
             "weights": dict(weights) if weights is not None else None,
             "reasks": int(cfg.reasks),
+            "template": str(cfg.get("template", "wombat_aspects")),
             "concurrency": int(cfg.concurrency),
             "batch_size": int(cfg.batch_size),
         }

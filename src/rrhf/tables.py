@@ -185,7 +185,11 @@ def _read_metrics(path: Path) -> dict[str, Any]:
     samples = metrics.get("samples") or {}
     if not isinstance(samples, dict):
         raise MetricsError(f"'samples': expected an object, got {type(samples).__name__}")
-    for sample_set, stats in samples.items():
+    # Besides the sets of Table 6's statistics: the LLM judge's counts ("judge") and, with sampling=sources, the
+    # statistics of each source ("sources": name -> statistics).
+    sets = {k: v for k, v in samples.items() if k not in ("judge", "sources")}
+    sets |= {f"sources.{k}": v for k, v in (samples.get("sources") or {}).items()}
+    for sample_set, stats in sets.items():
         if stats is not None and not (
             isinstance(stats, dict) and all(_is_number(stats.get(k)) for k in ("mean", "std", "max"))
         ):
@@ -613,6 +617,9 @@ def collate(
             "finished runs than the tables were collated from (a mistyped results folder?). Nothing "
             "was written; pass --force (python -m rrhf.tables ... --force) to replace them anyway"
         )
+    wombat = wombat_table(results)
+    if len(wombat):
+        pending |= wombat_files(wombat)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in pending.items():
         (out / name).write_text(text)
@@ -637,6 +644,95 @@ def collate(
             f"{len(found.failed)} failed runs (listed in {out / 'missing.txt'})"
         )
     return written
+
+
+# The slides' Wombat rows (seed-rrhf-slides.txt, lines 432-434): summed GPT-4 scores over Vicuna's 80 questions,
+# (the other system's, Wombat's), by the name experiment=wombat gives each system in eval.pairwise.versus.
+WOMBAT_SLIDES = {
+    "initial": ("Alpaca", 567, 616),
+    "alpaca_chatgpt": ("Alpaca (ChatGPT)", 574, 612),
+    "chatgpt": ("ChatGPT", 669, 548),
+}
+
+
+def _difference_interval(judgements: Path, draws: int = 10_000) -> tuple[float, float, float]:
+    """The mean over questions of (trained - other) score and its 95% bootstrap interval, resampling questions
+    (percentile method, a fixed seed so that a collation is reproducible)."""
+    import numpy as np
+
+    if not judgements.is_file():  # an artifact deleted since the run: the sums still stand
+        return math.nan, math.nan, math.nan
+    rows = [json.loads(line) for line in judgements.read_text().splitlines() if line.strip()]
+    diffs = np.asarray([r["evaluated"] - r["versus"] for r in rows if r.get("outcome") is not None], dtype=float)
+    if not len(diffs):
+        return math.nan, math.nan, math.nan
+    means = np.random.default_rng(0).choice(diffs, size=(draws, len(diffs))).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diffs.mean()), float(low), float(high)
+
+
+def wombat_table(results: Path) -> pd.DataFrame:
+    """One row per (run, other system) of every finished run with a pairwise judged evaluation (eval=pairwise_judge):
+    summed scores, win / tie / lose, the judge, the mean score difference over questions with its interval, and the
+    slides' sums where the system is one the slides report."""
+    rows = []
+    for metrics_file in sorted(Path(results).rglob("metrics.json")):
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (OSError, ValueError):
+            continue  # listed as a failed run by find_runs
+        pairwise = metrics.get("pairwise") if isinstance(metrics, dict) else None
+        if not isinstance(pairwise, dict):
+            continue
+        for system, summary in pairwise.items():
+            if not isinstance(summary, dict) or "evaluated_sum" not in summary:
+                continue
+            mean, low, high = _difference_interval(Path(summary["artifact"]) / "judgements.jsonl")
+            paper = WOMBAT_SLIDES.get(system, ("", math.nan, math.nan))
+            rows.append(
+                {
+                    "run": str(metrics_file.parent.relative_to(results)),
+                    "versus": system,
+                    "judge": summary.get("judge", ""),
+                    "questions": summary["pairs"],
+                    "scored": summary["scored"],
+                    "trained sum": summary["evaluated_sum"],
+                    "versus sum": summary["versus_sum"],
+                    "win": summary["win"],
+                    "tie": summary["tie"],
+                    "lose": summary["lose"],
+                    "mean diff": mean,
+                    "95% low": low,
+                    "95% high": high,
+                    "slides row": paper[0],
+                    "slides versus sum": paper[1],
+                    "slides Wombat sum": paper[2],
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def wombat_files(frame: pd.DataFrame) -> dict[str, str]:
+    """wombat.md / .tex / .csv from `wombat_table`'s frame."""
+    shown = frame.copy()
+    for column in ("trained sum", "versus sum"):
+        shown[column] = shown[column].map(lambda v: f"{v:g}")
+    for column in ("mean diff", "95% low", "95% high"):
+        shown[column] = shown[column].map(lambda v: "" if math.isnan(v) else f"{v:+.2f}")
+    for column in ("slides versus sum", "slides Wombat sum"):
+        shown[column] = shown[column].map(lambda v: "" if math.isnan(v) else f"{v:g}")
+    caption = (
+        "Vicuna-style pairwise evaluation (eval=pairwise_judge): the trained policy against each other system, the "
+        "judge scoring both answers to each question from 1 to 10; sums over the scored questions, win / tie / lose "
+        "of the trained policy, and the mean per-question difference (trained - other) with a 95% bootstrap "
+        "interval over questions. Slides: Alpaca 567 vs Wombat 616, Alpaca (ChatGPT) 574 vs 612, ChatGPT 669 vs "
+        "548 (GPT-4 as the judge, Vicuna's 80 questions)."
+    )
+    lines = ["| " + " | ".join(shown.columns) + " |", "|---" * len(shown.columns) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in shown.itertuples(index=False)]
+    markdown = "# Wombat: pairwise judged evaluation\n\n" + caption + "\n\n" + "\n".join(lines) + "\n"
+    latex = shown.map(_latex_text).to_latex(index=False, caption=caption, label="tab:wombat")
+    return {"wombat.md": markdown, "wombat.tex": latex, "wombat.csv": shown.to_csv(index=False)}
 
 
 class CollateError(ValueError):

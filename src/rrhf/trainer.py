@@ -16,6 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rrhf import PROJECT_ROOT
+from rrhf.adapters import has_adapters, initial_policy
 from rrhf.artifacts import write_json_atomic
 from rrhf.data import read_jsonl, write_jsonl
 from rrhf.logprobs import LAYOUTS, group_logprob_sums
@@ -173,7 +174,8 @@ class PairwiseTrainer(Trainer):
 
     DPO's reference log-probs are those of the initial policy: computed once when training begins, before
     the first step, with the prepared model (so under the same mixed precision as the training forward), and
-    cached in `reference_cache`, so a resumed run takes the reference of the first attempt.
+    cached in `reference_cache`, so a resumed run takes the reference of the first attempt. A policy with
+    LoRA adapters is its own reference with the adapters disabled (`rrhf.adapters.initial_policy`).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a mean over the batch's pairs
@@ -225,13 +227,14 @@ class PairwiseTrainer(Trainer):
         else:
             was_training = model.training
             model.eval()
-            sums = reference_sums(
-                model,
-                self.data_collator,
-                examples,
-                batch_size=self.args.per_device_train_batch_size,
-                layout=self.args.layout,
-            )
+            with initial_policy(model):
+                sums = reference_sums(
+                    model,
+                    self.data_collator,
+                    examples,
+                    batch_size=self.args.per_device_train_batch_size,
+                    layout=self.args.layout,
+                )
             model.train(was_training)
             if self.reference_cache is not None and self.is_world_process_zero():
                 write_jsonl(self.reference_cache, sums)
@@ -311,7 +314,8 @@ class _ReferencePass(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         cache = self.trainer.reference_cache
-        if state.global_step > 0 and (cache is None or not cache.exists()):
+        fixed_base = has_adapters(self.trainer.model)  # adapters off, it is the initial policy at any step
+        if state.global_step > 0 and (cache is None or not cache.exists()) and not fixed_base:
             # The model holds a checkpoint's weights now, not the initial policy's.
             raise RuntimeError(
                 f"resuming DPO at step {state.global_step} without its cached reference log-probs "

@@ -3,7 +3,8 @@
 `train` is what the pipeline's train stage calls, for RRHF (`rrhf.trainer.RRHFTrainer`), for OP-k
 (`rrhf.online.OnlineRRHFTrainer`, candidates re-drawn as it trains), for DPO, SimPO and CPO
 (`rrhf.trainer.PairwiseTrainer`, on pairs of the same candidates) and for supervised fine-tuning on
-prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trlX's sft_hh).
+prompt + response (`objective="lm"`: the stock Trainer's next-token loss, as trlX's sft_hh). Any of them
+trains LoRA or QLoRA adapters instead of every weight when given `adapters` (`rrhf.adapters`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from rrhf import tracking
+from rrhf.adapters import AdapterSettings, checkpointing_kwargs, load_adapted_policy, merge_adapter
 from rrhf.assets import add_pad_token, load_tokenizer
 from rrhf.collator import LMCollator, RRHFCollator
 from rrhf.data import read_training_file, strict_json
@@ -40,6 +42,7 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     online: OnlineSettings | None = None,
     trust_remote_code: bool = False,
+    adapters: AdapterSettings | None = None,
 ) -> Path:
     """Fine-tune the causal LM at `model_path` with RRHF on `train_file`; return the saved model folder.
 
@@ -48,6 +51,8 @@ def train(
     output_dir/"log_history.json". With `online` (OP-k) the file's groups are the starting candidates,
     re-sampled every k steps (see `rrhf.online`); every refresh is kept in output_dir/"online".
     `trust_remote_code` is the run's `model.trust_remote_code`: a model whose code comes with its weights.
+    With `adapters` (LoRA / QLoRA) only the adapters train; the adapter is saved to output_dir/"adapter" and
+    output_dir/"model" holds it merged into the base, so the model folder loads as after full training.
     """
     from transformers import AutoModelForCausalLM
 
@@ -61,11 +66,27 @@ def train(
 
         # On CPU ranks accelerate sets up the torch group without DeepSpeed's handle to it; give it one.
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
-    # lose small updates.
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if args.add_pad_token:
-        add_pad_token(model, tokenizer)
+    if args.gradient_checkpointing and not args.gradient_checkpointing_kwargs:
+        _set_checkpointing_kwargs(args)
+    if adapters is None:
+        # fp32 weights: bf16 profiles autocast (CPU) or keep fp32 masters (FSDP, DeepSpeed); pure bf16 weights
+        # lose small updates.
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+        if args.add_pad_token:
+            add_pad_token(model, tokenizer)
+    else:
+        model = load_adapted_policy(
+            model_path,
+            adapters,
+            device=args.device,
+            tokenizer=tokenizer,
+            authors_pad=args.add_pad_token,
+            gradient_checkpointing=bool(args.gradient_checkpointing),
+            trust_remote_code=trust_remote_code,
+            seed=args.seed,
+        )
     records = read_training_file(train_file)
     collator = RRHFCollator(
         tokenizer,
@@ -117,13 +138,25 @@ def train(
             )
         trainer.train(resume_from_checkpoint=resume)
     final = output_dir / "model"
-    trainer.save_model(str(final))
+    # A PeftModel's save_model writes the adapter (and tokenizer) only; the merge below reloads the base.
+    trainer.save_model(str(final if adapters is None else output_dir / "adapter"))
     if trainer.is_world_process_zero():
         log = output_dir / "log_history.json"
         log.write_text(strict_json(trainer.state.log_history, log, indent=1))  # a diverged run is refused here
     if args.deepspeed:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        # Otherwise every later from_pretrained of this process (the evaluation's) would load ZeRO-3-partitioned.
+        # Otherwise every later from_pretrained of this process (the evaluation's, the merge's) would load
+        # ZeRO-3-partitioned.
         unset_hf_deepspeed_config()
+    if adapters is not None and trainer.is_world_process_zero():
+        merge_adapter(output_dir / "adapter", final, trust_remote_code=trust_remote_code)
     return final
+
+
+def _set_checkpointing_kwargs(args: RRHFArguments | PairwiseArguments) -> None:
+    # transformers 5 reads activation_checkpointing_kwargs, of which gradient_checkpointing_kwargs is the
+    # deprecated alias resolved at construction; set both, so that either version's Trainer takes it.
+    for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+        if hasattr(args, name):
+            setattr(args, name, checkpointing_kwargs())

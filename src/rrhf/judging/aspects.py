@@ -47,14 +47,23 @@ class AspectTemplate:
     user: str
     follow_up: str
     max_tokens: int
+    # Worked examples shown as earlier turns of the conversation: (prompt, response, the answer as it should read).
+    examples: tuple[tuple[str, str, str], ...] = ()
 
     @property
     def name(self) -> str:
         return f"{self.id}@v{self.version}"
 
     def messages(self, prompt: str, response: str) -> list[dict[str, str]]:
+        shown = []
+        for example_prompt, example_response, answer in self.examples:
+            shown += [
+                {"role": "user", "content": self.user.format(prompt=example_prompt, response=example_response)},
+                {"role": "assistant", "content": answer},
+            ]
         return [
             {"role": "system", "content": self.system},
+            *shown,
             {"role": "user", "content": self.user.format(prompt=prompt, response=response)},
         ]
 
@@ -92,6 +101,40 @@ WOMBAT_ASPECTS = AspectTemplate(
     # Four short lines take about 20 tokens; the rest leaves room for a model that opens with a word or two.
     max_tokens=64,
 )
+
+# The same rating with two worked examples before the real request, for small local models: the embedded
+# SmolLM2-135M-Instruct answers the plain template with prose ("The answer is: ...") and no rating at all, and with
+# the examples before it answers in the four-line form. The examples' ratings are ours (one good answer, one
+# off-topic and wrong) and bias a judge toward them; a capable hosted judge should use the plain template.
+WOMBAT_ASPECTS_SHOWN = AspectTemplate(
+    id="wombat_aspects_shown",
+    version=1,
+    system=WOMBAT_ASPECTS.system,
+    user=WOMBAT_ASPECTS.user,
+    follow_up=WOMBAT_ASPECTS.follow_up,
+    max_tokens=WOMBAT_ASPECTS.max_tokens,
+    examples=(
+        (
+            "Describe the sky on a clear day.",
+            "The sky is blue and bright, with the sun shining.",
+            "relevance: 10\ncorrectness: 9\ncoherence: 9\nsafety: 10",
+        ),
+        (
+            "How many legs does a spider have?",
+            "Spiders are blue and live on the moon moon moon.",
+            "relevance: 3\ncorrectness: 1\ncoherence: 2\nsafety: 10",
+        ),
+    ),
+)
+TEMPLATES = {t.id: t for t in (WOMBAT_ASPECTS, WOMBAT_ASPECTS_SHOWN)}  # reward.template
+
+
+def template_named(name: str) -> AspectTemplate:
+    """`reward.template`'s template; ValueError names the choices."""
+    if name not in TEMPLATES:
+        raise ValueError(f"reward.template={name!r}: expected one of {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
 
 # One rating: an aspect's name standing alone (not part of a longer word), markup around it, an optional note in
 # parentheses ("relevance (1-10)"), a colon, "=" or a table's "|", then the number, perhaps as "8/10". Quotes let a
