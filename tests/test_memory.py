@@ -263,3 +263,33 @@ def test_the_estimate_bounds_a_measured_cpu_step_closely(models, lora, checkpoin
         model_shape(str(models["tiny"])), tokens=48 + 6 * 64, scored=6 * 64, how=how, mask_rows=1
     ).subtotal
     assert measured <= planned <= 1.3 * measured, (measured / 2**20, planned / 2**20)
+
+
+def test_run_py_refuses_a_7b_job_on_a_24_gib_device_before_any_stage(models, tmp_path: Path) -> None:
+    """The user's command itself: refused at start-up with the estimate and the fixes on the terminal, no stage
+    built, no traceback (the refusal is the message)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            f"model.path={models['7b']}",
+            f"eval.judge={models['small']}",
+            "device_memory_gib=24",
+            f"paths.artifacts={tmp_path}/artifacts",
+            f"paths.results={tmp_path}/results",
+            f"paths.tables={tmp_path}/tables",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "RRHF_CACHE": str(tmp_path / "cache")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seconds = time.perf_counter() - started
+    assert done.returncode != 0
+    assert "stage train" in done.stderr and "trainer.peft=lora" in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "artifacts").exists()
+    print(f"refused in {seconds:.1f} s")
+    assert seconds < 60, seconds  # about 10 s on a 2-core machine, most of it importing torch and transformers

@@ -15,7 +15,7 @@ import pytest
 import torch
 from profiles import trainer_profile
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from rrhf.adapters import AdapterSettings, has_adapters, initial_policy, load_adapted_policy
 from rrhf.logprobs import group_logprob_sums
@@ -57,27 +57,12 @@ def tiny(cache: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny64(tiny: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """embedded:tiny's tokenizer on a two-layer LLaMA 64 wide: the narrowest bitsandbytes' CPU kernels take."""
-    from rrhf.assets import save_causal_lm
+def tiny64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model's tokenizer on a two-layer LLaMA 64 wide: the narrowest bitsandbytes' CPU kernels take."""
+    from rrhf.assets import build_tiny_model
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
     out = tmp_path_factory.mktemp("tiny64") / "model"
-    save_causal_lm(LlamaForCausalLM(config), tokenizer, out)
+    build_tiny_model(out, width=64)
     return out
 
 

@@ -213,16 +213,17 @@ def build_tiny_tokenizer(out: Path):
     return fast
 
 
-def build_tiny_model(out: Path) -> None:
-    """A randomly initialised two-layer LLaMA with the tiny tokenizer: for tests and smoke runs."""
+def build_tiny_model(out: Path, *, width: int = 32) -> None:
+    """A randomly initialised two-layer LLaMA with the tiny tokenizer: for tests and smoke runs (`width` 32; the
+    QLoRA tests take 64, the narrowest layer bitsandbytes' CPU kernels accept)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tiny_tokenizer(out)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

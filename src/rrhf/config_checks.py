@@ -252,6 +252,7 @@ RULES: dict[str, Rule] = {
     "eval.pairwise.judge.base_url": text(null=True),
     "eval.pairwise.judge.model": text(),
     "eval.pairwise.judge.concurrency": POSITIVE,
+    "eval.pairwise.judge.template": choice("vicuna_pair_scores", "vicuna_pair_scores_shown"),
     "eval.pairwise.judge.max_tokens": integer(1, null="the endpoint's default"),
     "eval.pairwise.judge.threads": integer(1, null="torch's default"),
     "trainer.name": text(),

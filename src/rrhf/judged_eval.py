@@ -178,13 +178,14 @@ def judged_stage(cfg: DictConfig, evaluated: Path, versus: Path) -> Path:
 
     p = cfg.eval.pairwise
     judge = {**JUDGE_DEFAULTS, **_plain(p.judge)}
+    template = judge.pop("template", None) or "vicuna_pair_scores"
     model_id = judge["model"] if judge["base_url"] else model_identity(judge["model"])
     inputs = {
         "stage": "judged",
         "evaluated": evaluated.name,
         "versus": versus.name,
         "judge": {"model": model_id, "endpoint": judge["base_url"], "max_tokens": judge["max_tokens"]},
-        "template": template_name(),
+        "template": template_name(template),
         "both_orders": bool(p.both_orders),
     }
 
@@ -197,12 +198,18 @@ def judged_stage(cfg: DictConfig, evaluated: Path, versus: Path) -> Path:
         ours = read_jsonl(evaluated / "answers.jsonl")
         theirs = {str(r["question_id"]): r["answer"] for r in read_jsonl(versus / "answers.jsonl")}
         pairs = [(r["question"], r["answer"], theirs[str(r["question_id"])]) for r in ours]
-        asked = [ChatRequest(messages(*pair), template_name()) for pair in pairs]
+        asked = [ChatRequest(messages(*pair, template), template_name(template)) for pair in pairs]
         if p.both_orders:
-            asked += [ChatRequest(messages(q, b, a), template_name()) for q, a, b in pairs]
+            asked += [ChatRequest(messages(q, b, a, template), template_name(template)) for q, a, b in pairs]
         cache = JudgeCache(judge["cache"] or cache_root() / "judge_cache")
         with judge_client(judge, asked, cache=cache, max_tokens=judge["max_tokens"]) as client:
-            scored = score_pairs(client, pairs, both_orders=bool(p.both_orders), concurrency=int(judge["concurrency"]))
+            scored = score_pairs(
+                client,
+                pairs,
+                both_orders=bool(p.both_orders),
+                concurrency=int(judge["concurrency"]),
+                template=template,
+            )
             judge_name = client.model_id
         failed = [s for s in scored if s.status == "error"]
         if failed:
@@ -215,7 +222,7 @@ def judged_stage(cfg: DictConfig, evaluated: Path, versus: Path) -> Path:
             ({"question_id": r["question_id"], **s.to_dict()} for r, s in zip(ours, scored)),
         )
         write_json_atomic(
-            work / "summary.json", {"judge": judge_name, "template": template_name(), **summarise(scored)}
+            work / "summary.json", {"judge": judge_name, "template": template_name(template), **summarise(scored)}
         )
 
     folder, _ = run_stage(Path(cfg.paths.artifacts), "judged", inputs, build)

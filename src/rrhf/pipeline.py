@@ -602,7 +602,8 @@ def evaluate_stage(cfg: DictConfig, target: Evaluated) -> dict:
         "stage": "evaluate",
         "policy": target.key,
         "task": _task_key(cfg, "test"),
-        "eval": _plain(e) | {"judge_id": _model_key(e.judge)},
+        # The pairwise judged comparison (eval=pairwise_judge) is stages of its own (rrhf.judged_eval).
+        "eval": {k: v for k, v in _plain(e).items() if k != "pairwise"} | {"judge_id": _model_key(e.judge)},
         "reward": _reward_key(cfg),
         "placement": where.key(),
         "reward_placement": reward_where.key(),

@@ -43,13 +43,31 @@ _NUMBER = r"(\d+(?:\.\d+)?)"
 _TWO_SCORES = re.compile(rf"^[\s*_`\[(]*{_NUMBER}\s*(?:[,/]\s*|\s+){_NUMBER}[\s*_`\])]*$")
 
 
-def template_name() -> str:
-    return f"{TEMPLATE_ID}@v{TEMPLATE_VERSION}"
+# For small local models, two worked examples before the request (`eval.pairwise.judge.template`): the embedded
+# SmolLM2-135M answers the plain prompt with prose and no scores, and with the examples before it writes the two
+# scores' line (copying the last example's, so its scores carry little signal). Ours, like the prompt.
+SHOWN_ID = "vicuna_pair_scores_shown"
+TEMPLATES = (TEMPLATE_ID, SHOWN_ID)
+EXAMPLES = (
+    ("What color is grass?", "Grass is green.", "Grass is purple and made of glass.", "9 2\nAssistant 1 is right."),
+    ("Name a large animal.", "the the the", "An elephant is a large animal.", "1 8\nAssistant 2 answers; 1 does not."),
+)
 
 
-def messages(question: str, answer_1: str, answer_2: str) -> list[dict[str, str]]:
+def template_name(template: str = TEMPLATE_ID) -> str:
+    if template not in TEMPLATES:
+        raise ValueError(f"eval.pairwise.judge.template={template!r}: expected one of {', '.join(TEMPLATES)}")
+    return f"{template}@v{TEMPLATE_VERSION}"
+
+
+def messages(question: str, answer_1: str, answer_2: str, template: str = TEMPLATE_ID) -> list[dict[str, str]]:
+    shown = []
+    for example in EXAMPLES if template == SHOWN_ID else ():
+        asked = USER.format(question=example[0], answer_1=example[1], answer_2=example[2])
+        shown += [{"role": "user", "content": asked}, {"role": "assistant", "content": example[3]}]
     return [
         {"role": "system", "content": SYSTEM},
+        *shown,
         {"role": "user", "content": USER.format(question=question, answer_1=answer_1, answer_2=answer_2)},
     ]
 
@@ -119,19 +137,21 @@ def score_pairs(
     concurrency: int = 4,
     progress: bool = True,
     max_failures: int | None = None,
+    template: str = TEMPLATE_ID,
 ) -> list[ScoredPair]:
     """Score every (question, evaluated answer, versus answer); one ScoredPair per pair, in order. One order (the
     evaluated system as assistant 1, as the original evaluation asked) unless `both_orders`."""
     per_pair = 2 if both_orders else 1
+    name = template_name(template)
     requests: list[ChatRequest] = []
     for question, evaluated, versus in pairs:
-        requests.append(ChatRequest(messages(question, evaluated, versus), template_name()))
+        requests.append(ChatRequest(messages(question, evaluated, versus, template), name))
         if both_orders:
-            requests.append(ChatRequest(messages(question, versus, evaluated), template_name()))
+            requests.append(ChatRequest(messages(question, versus, evaluated, template), name))
     answers = client.complete_many(
-        requests, concurrency=concurrency, progress=progress, desc=f"judge {template_name()}", max_failures=max_failures
+        requests, concurrency=concurrency, progress=progress, desc=f"judge {name}", max_failures=max_failures
     )
-    return [scored_pair(answers[i : i + per_pair], template_name()) for i in range(0, len(answers), per_pair)]
+    return [scored_pair(answers[i : i + per_pair], name) for i in range(0, len(answers), per_pair)]
 
 
 def summarise(pairs: Sequence[ScoredPair]) -> dict[str, float | int]:
