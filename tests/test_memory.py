@@ -90,16 +90,58 @@ def test_estimate_grows_with_batch_length_and_candidates(models) -> None:
 
 
 def test_adapters_and_checkpointing_lower_the_estimate(models) -> None:
-    full = train_estimate(models, model="7b")
-    lora = train_estimate(models, "++trainer.peft=lora", model="7b")
-    qlora = train_estimate(models, "++trainer.peft=qlora", model="7b")
+    # On a CPU, where a LoRA base stays fp32 (and autocast keeps bf16 casts of it): see the GPU test below.
+    full = train_estimate(models, "device=cpu", model="7b")
+    lora = train_estimate(models, "device=cpu", "++trainer.peft=lora", model="7b")
+    qlora = train_estimate(models, "device=cpu", "++trainer.peft=qlora", model="7b")
     assert qlora.total < lora.total < full.total
     assert lora.components["optimizer"] < full.components["optimizer"] / 100  # adapters only
     assert qlora.components["weights"] < lora.components["weights"] / 4  # a 4-bit base
-    checkpointed = train_estimate(models, "++trainer.args.gradient_checkpointing=true", model="7b")
+    checkpointed = train_estimate(models, "device=cpu", "++trainer.args.gradient_checkpointing=true", model="7b")
     assert checkpointed.components["activations"] < full.components["activations"] / 3
     for stage in (full, lora, qlora, checkpointed):
         assert stage.skipped is None
+
+
+def _frozen_base(stage) -> int:
+    (nbytes,) = [b for _, what, b in stage.terms if what.startswith("frozen base")]
+    return nbytes
+
+
+def test_a_lora_base_is_planned_in_bf16_on_a_gpu_training_in_bf16(models) -> None:
+    """rrhf.adapters.base_dtype: bf16 base and fp32 adapters on a GPU with bf16 training; fp32 base elsewhere."""
+    params = model_shape(str(models["7b"])).params
+    gpu, lora = ("device=cuda", "trainer=ddp"), "++trainer.peft=lora"
+    full = train_estimate(models, *gpu, model="7b")
+    bf16 = train_estimate(models, *gpu, lora, model="7b")
+    fp16 = train_estimate(models, *gpu, lora, "trainer.args.bf16=false", "++trainer.args.fp16=true", model="7b")
+    cpu = train_estimate(models, "device=cpu", "trainer=ddp", lora, model="7b")
+    assert _frozen_base(bf16) == 2 * params
+    assert _frozen_base(fp16) == _frozen_base(cpu) == 4 * params
+    # Autocast casts only fp32 weights: a bf16 base leaves no bf16 copies of itself for backward.
+    casts = [what for _, what, _ in bf16.terms if "casts" in what]
+    assert not casts and any("casts" in what for _, what, _ in fp16.terms)
+    assert bf16.components["weights"] < fp16.components["weights"] / 2
+    assert bf16.components["grads"] == fp16.components["grads"]  # the adapters are fp32 either way
+    assert bf16.total < fp16.total < full.total
+    # LLaMA-7B in the paper's HH setting (model=alpaca: 6 candidates, 1030 tokens a step) on one 24 GiB GPU: the
+    # bf16 base (12.6 GiB) leaves room for a checkpointed step, not for the activations of a whole one (about
+    # 10 GiB more, before the margin).
+    hh = ("model=alpaca", *gpu, lora)
+    whole = train_estimate(models, *hh, model="7b")
+    checkpointed = train_estimate(models, *hh, "++trainer.args.gradient_checkpointing=true", model="7b")
+    assert whole.components["weights"] == checkpointed.components["weights"]
+    assert 2 * params < checkpointed.subtotal < checkpointed.total < 24 * GIB < whole.total
+
+
+def test_ppo_plans_a_lora_base_in_its_placement_dtype(models) -> None:
+    params = model_shape(str(models["7b"])).params
+    ppo = ("method=ppo", "device=cuda", "++trainer.peft=lora")
+    assert _frozen_base(train_estimate(models, *ppo, model="7b")) == 2 * params  # dtype=auto: bf16 on a GPU
+    assert _frozen_base(train_estimate(models, *ppo, "dtype=float32", model="7b")) == 4 * params
+    assert _frozen_base(train_estimate(models, "method=ppo", "device=cpu", "++trainer.peft=lora", model="7b")) == (
+        4 * params
+    )
 
 
 def test_sharding_divides_the_state_across_ranks(models) -> None:

@@ -197,6 +197,19 @@ def test_only_the_adapters_train(tiny: Path) -> None:
         load_adapted_policy(tiny, AdapterSettings("lora", target_modules=["c_attn"]), device=torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    "device,bf16,frozen",
+    [("cuda", True, torch.bfloat16), ("cuda", False, torch.float32), ("cpu", True, torch.float32)],
+)
+def test_a_lora_base_is_bf16_only_on_a_gpu_training_in_bf16(tiny: Path, device: str, bf16: bool, frozen) -> None:
+    """peft / TRL's recipe: the frozen base in bf16 where training is bf16 on a GPU, the adapters fp32 always.
+    (Loading places nothing on the device, so the CUDA choice is checked here on the CPU.)"""
+    policy = load_adapted_policy(tiny, LORA, device=torch.device(device), bf16=bf16)
+    trainable = {p.dtype for p in policy.parameters() if p.requires_grad}
+    assert trainable == {torch.float32}  # get_peft_model's autocast_adapter_dtype=True upcasts bf16 adapters
+    assert {p.dtype for p in policy.parameters() if not p.requires_grad} == {frozen}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Training, saving, loading, resuming (in process)
 

@@ -335,12 +335,19 @@ def _targets(shape: ModelShape, adapter: Adapter) -> list[tuple[str, int, int]]:
 class Training:
     """How a training step holds the model: precision, adapter, sharding."""
 
-    accelerator: bool = True  # on a GPU (bf16 base weights for adapters) or a CPU
+    accelerator: bool = True  # on a GPU or a CPU
     mixed_precision: bool = True  # bf16 (or fp16) autocast: matmul outputs in 2 bytes
     adapter: Adapter = Adapter()
     checkpointing: bool = False
     profile: str = "single"  # single | ddp | fsdp | zero2 | zero3
     world_size: int = 1
+    bf16: bool = True  # the mixed precision is bf16 (False: fp16)
+
+    @property
+    def bf16_lora_base(self) -> bool:
+        """Whether a LoRA base is stored in bf16: on a GPU training in bf16 (rrhf.adapters.base_dtype); fp32
+        elsewhere. (DeepSpeed casts the whole module to bf16 whatever it is loaded in: see the zero profiles.)"""
+        return self.adapter.method == "lora" and self.accelerator and self.mixed_precision and self.bf16
 
 
 def _weights_and_state(shape: ModelShape, how: Training, trainable_blocks: int | None = None) -> _Terms:
@@ -354,8 +361,12 @@ def _weights_and_state(shape: ModelShape, how: Training, trainable_blocks: int |
         if how.profile in ("zero2", "zero3"):
             # DeepSpeed runs the whole module in bf16, the frozen base included.
             base, what = 2 * shape.params, "frozen base (bf16 under DeepSpeed)"
+        elif how.bf16_lora_base:
+            # rrhf.adapters.base_dtype: on a GPU training in bf16 the frozen base is stored in bf16 (it takes no
+            # updates; peft / TRL's recipe), so autocast has nothing to cast and keeps no copies of it.
+            base, what = 2 * shape.params, "frozen base (bf16: a GPU training in bf16)"
         elif adapter == "lora":
-            # rrhf.adapters loads a LoRA base in fp32, the precision full training keeps its weights in.
+            # rrhf.adapters.base_dtype: elsewhere (a CPU, fp16 or fp32 training) a LoRA base is loaded in fp32.
             base, what = 4 * shape.params, "frozen base (fp32)"
         else:
             # bitsandbytes quantises every linear layer but the output projection to NF4; peft's
@@ -364,7 +375,11 @@ def _weights_and_state(shape: ModelShape, how: Training, trainable_blocks: int |
             base = quantised * NF4_BYTES + (shape.params - quantised) * 4
             what = "frozen base (NF4 + double-quant constants; embeddings, norms, head fp32)"
         t.add("weights", what + (f" / {n} ranks" if sharded and n > 1 else ""), base / (n if sharded else 1))
-        if how.mixed_precision and how.profile not in ("zero2", "zero3"):
+        if how.bf16_lora_base and how.profile == "fsdp":
+            # FSDP gathers one unit (a decoder block, or the root's embeddings) at a time, plus the next prefetched.
+            unit = max(shape.block_params, shape.root_params)
+            t.add("weights", "gathered parameters: 2 units (bf16)", 2 * 2 * unit)
+        if how.mixed_precision and how.profile not in ("zero2", "zero3") and not how.bf16_lora_base:
             # A frozen fp32 weight is cast to bf16 at each matmul under autocast, and the matmul keeps that cast
             # for backward (the gradient to its input needs it); 4-bit layers de-quantise again in backward.
             cast = shape.lm_head_params if adapter == "qlora" else shape.matmul_params
@@ -452,9 +467,9 @@ def training_step(
     """
     t = _weights_and_state(shape, how, trainable_blocks)
     compute = 2 if how.mixed_precision else 4
-    # The residual stream takes the embeddings' dtype: fp32 (full training, a LoRA base, QLoRA's fp32 embeddings),
-    # bf16 under DeepSpeed, which casts the module.
-    residual = 2 if how.profile in ("zero2", "zero3") else 4
+    # The residual stream takes the embeddings' dtype: fp32 (full training, a LoRA base on a CPU, QLoRA's fp32
+    # embeddings), bf16 under DeepSpeed, which casts the module, and for a bf16 LoRA base (a GPU training in bf16).
+    residual = 2 if how.profile in ("zero2", "zero3") or how.bf16_lora_base else 4
     per_block = _block_activations(shape, residual, compute)
     if how.adapter.method != "none":
         # Each targeted layer's adapter path keeps its own cast of the layer's input for A's gradient; with
@@ -725,6 +740,7 @@ def _training(plan: _Plan, args: dict[str, Any], adapter: Adapter | None = None)
     return Training(
         accelerator=plan.accelerator,
         mixed_precision=bool(args.get("bf16") or args.get("fp16")),
+        bf16=bool(args.get("bf16")),
         adapter=adapter_of(cfg) if adapter is None else adapter,
         checkpointing=bool(args.get("gradient_checkpointing") or False),
         profile=profile,
@@ -879,10 +895,12 @@ def _train_stage(plan: _Plan, method: str | None = None, stage: str = "train") -
         s = cfg.sampling
         beams = s.get("num_beams") if s.get("generator") in ("diverse_beam", "beam") else s.get("num_candidates")
         # The refresh generates with the training model itself, outside autocast: its KV cache takes the weights'
-        # dtype (fp32, or bf16 under an adapter on a GPU).
+        # dtype (fp32; bf16 for QLoRA's compute on a GPU and for a bf16 LoRA base).
+        fp32_cache = how.adapter.method == "none" or not how.accelerator
+        fp32_cache = fp32_cache or (how.adapter.method == "lora" and not how.bf16_lora_base)
         generation = _inference(
             shape,
-            weight_bytes=4 if how.adapter.method == "none" or not how.accelerator else 2,
+            weight_bytes=4 if fp32_cache else 2,
             sequences=_int(s.get("batch_size", 8), "sampling.batch_size") * _int(beams, "sampling.num_beams"),
             prompt_tokens=_int(s.get("max_prompt_tokens", 256), "sampling.max_prompt_tokens"),
             new_tokens=_int(s.get("max_new_tokens"), "sampling.max_new_tokens"),
@@ -903,12 +921,25 @@ def _only(t: _Terms, component: str) -> _Terms:
     return out
 
 
+def _ppo_precision(plan: _Plan) -> dict[str, bool]:
+    """rrhf.ppo's mixed precision: autocast to the run's placement dtype on a GPU (bf16 by default), none on a
+    CPU; it also stores a LoRA base in bf16 when that dtype is bf16."""
+    import torch
+
+    from rrhf import placement
+
+    if not plan.accelerator:
+        return {}
+    dtype = placement.placement("cuda", _dtype(plan.cfg, None)).dtype
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
 def _ppo_stage(plan: _Plan, shape: ModelShape) -> StageEstimate:
     """rrhf.ppo: fp32 policy, a frozen fp32 reference copy, the value head, torch's AdamW on the unfrozen blocks;
     rollouts generated in chunks, the scorer resident throughout."""
     cfg = plan.cfg
     p = _plain(cfg.method.ppo)
-    how = _training(plan, {"bf16": plan.accelerator}, adapter_of(cfg))
+    how = _training(plan, _ppo_precision(plan), adapter_of(cfg))
     how = replace(how, profile="single", world_size=1)  # PPO runs in one process (rrhf.pipeline.ppo_stage)
     unfrozen = p.get("num_layers_unfrozen", 2)
     blocks = None if unfrozen is None or unfrozen < 0 else min(int(unfrozen), shape.layers)

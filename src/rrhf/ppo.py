@@ -650,7 +650,7 @@ def train_ppo(
 
     `references` (the data set's chosen responses) give the delta reward (`config.delta_reward`). Weights stay
     fp32, on `where.device` (the CPU by default); on a GPU a bf16/fp16 `where.dtype` runs the forward passes
-    under autocast. Returns
+    under autocast (a frozen LoRA base is then stored in bf16 when `where.dtype` is bf16). Returns
     output_dir / "model" (a plain Hugging Face causal-LM folder with the tokenizer: the policy without
     its value head, loadable by AutoModelForCausalLM).
 
@@ -678,8 +678,16 @@ def train_ppo(
         tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # as load_causal_lm
+        # On a GPU with a bf16 placement the frozen LoRA base is stored in bf16 (memory; it gets no updates, so bf16
+        # storage loses nothing training would keep), the adapters in fp32, as peft / TRL / QLoRA do
+        # (rrhf.adapters.base_dtype); elsewhere fp32. model/ is merged into a base reloaded in fp32.
         policy = load_adapted_policy(
-            resolve_model(model_path), adapters, device=device, trust_remote_code=trust_remote_code, seed=config.seed
+            resolve_model(model_path),
+            adapters,
+            device=device,
+            bf16=use_autocast and where.dtype == torch.bfloat16,
+            trust_remote_code=trust_remote_code,
+            seed=config.seed,
         )
         reference = policy  # run with its adapters disabled (initial_policy)
     torch.manual_seed(config.seed)  # the value head's initialisation

@@ -77,10 +77,14 @@ def train(
         if args.add_pad_token:
             add_pad_token(model, tokenizer)
     else:
+        # A LoRA base is frozen: on a GPU training in bf16 it is stored in bf16 (memory; it gets no updates, so
+        # bf16 storage loses nothing training would keep), the adapters in fp32, as peft / TRL / QLoRA do
+        # (rrhf.adapters.base_dtype). On a CPU it stays fp32. model/ is merged into a base reloaded in fp32.
         model = load_adapted_policy(
             model_path,
             adapters,
             device=args.device,
+            bf16=bool(args.bf16),
             tokenizer=tokenizer,
             authors_pad=args.add_pad_token,
             gradient_checkpointing=bool(args.gradient_checkpointing),
